@@ -1,0 +1,109 @@
+"""``fixed_point``: a solver in the forward pass, the implicit function theorem in the backward."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ._solution import NUM_STATS, Solution
+from ._solvers import Anderson, ForwardIteration
+from ._solvers._loop import check_problem
+
+SOLVERS = (Anderson, ForwardIteration)
+
+
+def _check_solver(name: str, solver) -> None:
+    if not isinstance(solver, SOLVERS):
+        raise TypeError(
+            f"fixed_point: {name} must be one of {[s.__name__ for s in SOLVERS]}, got {solver!r}."
+        )
+
+
+def fixed_point(
+    f: Callable,
+    z0,
+    args,
+    *,
+    solver=Anderson(),
+    backward_solver=None,
+    backward_stats_probe: jax.Array | None = None,
+) -> Solution:
+    """Solves ``z* = f(z*, args)`` with gradients from the implicit function theorem.
+
+    The forward pass runs ``solver`` without recording a tape. The backward pass
+    linearises ``f`` once at ``z*`` (one f evaluation), solves the transposed linear
+    fixed point ``g = J_f(z*)^T g + y`` with ``backward_solver`` (each step is one
+    VJP, no f evaluation), and returns ``(d f / d args)^T g``. The chapter's layer
+    spends two f evaluations beyond its solver; this spends one.
+
+    Args:
+      f: ``f(z, args) -> z``, batched over the leading axis of ``z``.
+      z0: initial estimate, a floating array (or pytree) with a leading batch axis.
+        It does not change the fixed point, so its gradient is zero.
+      args: a pytree of arrays: everything ``f`` depends on that should receive
+        gradients (parameters, injected input). Arrays ``f`` closes over are found
+        with ``jax.closure_convert`` and differentiated too.
+      solver: the forward solver, :class:`Anderson` or :class:`ForwardIteration`.
+      backward_solver: the solver of the backward linear system; ``solver`` if None.
+      backward_stats_probe: optional float vector of length ``len(SolveStats._fields)``.
+        Its value is ignored; its gradient is the :class:`SolveStats` of the backward
+        solve (summed over every call that shares the probe), which is how backward
+        statistics leave a jitted ``grad``. Use ``SolveStats.from_array(grad)``.
+
+    Returns:
+      The forward :class:`Solution`; ``value`` is differentiable w.r.t. ``args``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, deq_jax as dj
+      >>> f = lambda z, a: jnp.tanh(a * z + 1.0)
+      >>> loss = lambda a: dj.fixed_point(f, jnp.zeros((2, 3)), a, solver=dj.Anderson(tol=1e-6)).value.sum()
+      >>> jax.grad(loss)(0.5).dtype
+      dtype('float32')
+    """
+    _check_solver("solver", solver)
+    backward_solver = solver if backward_solver is None else backward_solver
+    _check_solver("backward_solver", backward_solver)
+    check_problem("fixed_point", lambda z: f(z, args), z0)
+    if backward_stats_probe is None:
+        backward_stats_probe = jnp.zeros(NUM_STATS, jnp.float32)
+    elif jnp.shape(backward_stats_probe) != (NUM_STATS,):
+        raise ValueError(
+            f"fixed_point: backward_stats_probe must have shape ({NUM_STATS},), "
+            f"got {jnp.shape(backward_stats_probe)}."
+        )
+    closed_f, consts = jax.closure_convert(f, z0, args)
+
+    def explicit_f(z, all_args):
+        return closed_f(z, all_args[0], *all_args[1])
+
+    return _implicit_solve(explicit_f, solver, backward_solver, z0, (args, consts), backward_stats_probe)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _implicit_solve(f, solver, backward_solver, z0, args, probe):
+    del backward_solver, probe
+    return solver(lambda z: f(z, args), z0)
+
+
+def _implicit_solve_fwd(f, solver, backward_solver, z0, args, probe):
+    solution = _implicit_solve(f, solver, backward_solver, z0, args, probe)
+    return solution, (solution.value, args, probe)
+
+
+def _implicit_solve_bwd(f, solver, backward_solver, residuals, cotangent: Solution):
+    z_star, args, probe = residuals
+    y = cotangent.value
+    _, vjp = jax.vjp(f, z_star, args)  # the one f evaluation of the backward pass
+
+    def transposed(g):
+        return jax.tree_util.tree_map(jnp.add, vjp(g)[0], y)
+
+    g = backward_solver(transposed, y)
+    _, args_bar = vjp(g.value)
+    z0_bar = jax.tree_util.tree_map(jnp.zeros_like, z_star)
+    return z0_bar, args_bar, g.stats().to_array().astype(probe.dtype)
+
+
+_implicit_solve.defvjp(_implicit_solve_fwd, _implicit_solve_bwd)

@@ -1,0 +1,71 @@
+"""The result of a fixed-point solve: the estimate plus per-example statistics."""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class SolveStats(NamedTuple):
+    """Batch summary of a solve, cheap to log from inside ``jit``.
+
+    Attributes:
+      mean_steps: mean number of f evaluations per example.
+      max_steps: largest number of f evaluations of any example.
+      mean_residual: mean final relative residual.
+      max_residual: largest final relative residual.
+      converged_fraction: fraction of examples whose residual reached ``tol``.
+    """
+
+    mean_steps: jax.Array
+    max_steps: jax.Array
+    mean_residual: jax.Array
+    max_residual: jax.Array
+    converged_fraction: jax.Array
+
+    def to_array(self) -> jax.Array:
+        """Packs the fields into a float32 vector of length ``len(SolveStats._fields)``."""
+        return jnp.stack([jnp.asarray(v, jnp.float32) for v in self])
+
+    @classmethod
+    def from_array(cls, array) -> "SolveStats":
+        """Inverse of :meth:`to_array`."""
+        return cls(*(array[i] for i in range(len(cls._fields))))
+
+
+NUM_STATS = len(SolveStats._fields)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    """What a solver returns; a pytree, so it can leave ``jit`` and ``vmap``.
+
+    Attributes:
+      value: the fixed-point estimate, same structure, shape and dtype as ``z0``.
+      num_steps: int32[B], f evaluations spent on each example.
+      residual: float[B], relative residual ``||f(z)-z|| / (||f(z)|| + 1e-5)`` of the
+        returned iterate; ``inf`` where the iterate became NaN or Inf.
+      trace: float[max_iter, B], the residual after each f evaluation; NaN once an
+        example has stopped.
+      converged: bool[B], ``residual < tol``.
+    """
+
+    value: jax.Array
+    num_steps: jax.Array
+    residual: jax.Array
+    trace: jax.Array
+    converged: jax.Array
+
+    def stats(self) -> SolveStats:
+        """Returns the batch summary of this solve (no extra f evaluation)."""
+        steps = self.num_steps.astype(jnp.float32)
+        return SolveStats(
+            mean_steps=steps.mean(),
+            max_steps=steps.max(),
+            mean_residual=self.residual.mean(),
+            max_residual=self.residual.max(),
+            converged_fraction=self.converged.astype(jnp.float32).mean(),
+        )

@@ -1,0 +1,155 @@
+"""The per-example iteration loop shared by every solver.
+
+A solver supplies two pure functions over its own ``history`` pytree:
+``propose(history, k) -> x`` gives the next iterate of every example, and
+``record(history, k, x, fx, active) -> history`` stores a new pair ``(x, f(x))``
+for the examples still running. The loop does the rest: one f evaluation per
+iteration, per-example residuals, stops and the lowest-residual estimate.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .._solution import Solution
+from .._tree import batch_ravel
+
+RESIDUAL_EPS = 1e-5  # the chapter's guard against ||f(z)|| = 0
+
+
+class _LoopState(NamedTuple):
+    k: jax.Array  # f evaluations so far (the same for every running example)
+    history: Any
+    active: jax.Array  # bool[B]: still iterating
+    num_steps: jax.Array  # int32[B]
+    best_fx: jax.Array  # [B, D]: f(z) at the lowest-residual iterate z
+    best_residual: jax.Array  # [B]
+    trace: jax.Array  # [max_iter, B]
+
+
+def check_positive(owner: str, **values) -> None:
+    """Raises ``ValueError`` for a solver option that is not a positive number."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{owner}: {name} must be a positive number, got {value!r}.")
+
+
+def check_int(owner: str, **values) -> None:
+    """Raises ``ValueError`` for a solver option that is not a positive int."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}.")
+
+
+def relative_residual(x: jax.Array, fx: jax.Array) -> jax.Array:
+    """``||f(x) - x|| / (||f(x)|| + eps)`` per row; ``inf`` where it is not finite."""
+    residual = jnp.linalg.norm(fx - x, axis=1) / (jnp.linalg.norm(fx, axis=1) + RESIDUAL_EPS)
+    return jnp.where(jnp.isfinite(residual), residual, jnp.inf)
+
+
+def check_problem(owner: str, f: Callable, z0) -> None:
+    """Trace-time checks on ``z0`` and ``f(z0)``, with messages that name the problem."""
+    leaves = jax.tree_util.tree_leaves(z0)
+    if not leaves:
+        raise ValueError(f"{owner}: z0 has no arrays.")
+    for leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"{owner}: z0 must hold floating-point arrays, got dtype {jnp.result_type(leaf)}; "
+                "cast it, e.g. z0.astype(jnp.float32)."
+            )
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != jnp.shape(leaves[0])[0]:
+            raise ValueError(
+                f"{owner}: every array in z0 needs the same leading batch axis; got shapes "
+                f"{[jnp.shape(x) for x in leaves]}."
+            )
+    expected = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), z0)
+    got = jax.eval_shape(f, z0)
+    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected) or any(
+        (a.shape, a.dtype) != (b.shape, b.dtype)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected))
+    ):
+        raise ValueError(
+            f"{owner}: f(z) must have the structure, shape and dtype of z0; z0 is {expected}, "
+            f"f(z0) is {got}."
+        )
+
+
+def iterate(
+    owner: str,
+    f: Callable,
+    z0,
+    *,
+    tol: float,
+    max_iter: int,
+    init_history: Callable,
+    propose: Callable,
+    record: Callable,
+) -> Solution:
+    """Runs a solver's ``propose``/``record`` pair under ``lax.while_loop``.
+
+    Args:
+      owner: the solver's name, for error messages.
+      f: batched map from a pytree like ``z0`` to the same.
+      z0: initial estimate; a pytree of floating arrays with a leading batch axis.
+      tol: an example stops once its relative residual is below ``tol``.
+      max_iter: most f evaluations for any example (the first, at ``z0``, counts).
+      init_history: ``(batch, features, dtype) -> history``, the solver's empty
+        history for iterates flattened to ``[batch, features]``.
+      propose, record: the solver's update rule, see the module docstring.
+
+    Returns:
+      The :class:`Solution`; ``value`` is ``f(z)`` at each example's lowest-residual
+      iterate ``z``.
+    """
+    check_problem(owner, f, z0)
+    x0, unravel = batch_ravel(z0)
+
+    def f_flat(x):
+        return batch_ravel(f(unravel(x)))[0]
+
+    fx0 = f_flat(x0)
+    residual0 = relative_residual(x0, fx0)
+    batch = x0.shape[0]
+    running = jnp.isfinite(residual0) & (residual0 >= tol)
+    trace = jnp.full((max_iter, batch), jnp.nan, x0.dtype).at[0].set(residual0)
+    state = _LoopState(
+        k=jnp.asarray(1, jnp.int32),
+        history=record(init_history(*x0.shape, x0.dtype), 0, x0, fx0, jnp.ones(batch, bool)),
+        active=running,
+        num_steps=jnp.ones(batch, jnp.int32),
+        best_fx=fx0,
+        best_residual=residual0,
+        trace=trace,
+    )
+
+    def cond(s: _LoopState):
+        return (s.k < max_iter) & jnp.any(s.active)
+
+    def body(s: _LoopState) -> _LoopState:
+        x = propose(s.history, s.k)
+        fx = f_flat(x)
+        residual = relative_residual(x, fx)
+        improved = s.active & (residual < s.best_residual)
+        return _LoopState(
+            k=s.k + 1,
+            history=record(s.history, s.k, x, fx, s.active),
+            active=s.active & (residual >= tol) & jnp.isfinite(residual),
+            num_steps=s.num_steps + s.active,
+            best_fx=jnp.where(improved[:, None], fx, s.best_fx),
+            best_residual=jnp.where(improved, residual, s.best_residual),
+            trace=s.trace.at[s.k].set(jnp.where(s.active, residual, jnp.nan)),
+        )
+
+    final = lax.while_loop(cond, body, state)
+    return Solution(
+        value=unravel(final.best_fx),
+        num_steps=final.num_steps,
+        residual=final.best_residual,
+        trace=final.trace,
+        converged=final.best_residual < tol,
+    )
+

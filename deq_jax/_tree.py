@@ -1,0 +1,35 @@
+"""Flattening a batched pytree to one ``[batch, features]`` matrix and back."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def batch_ravel(tree) -> tuple[jax.Array, Callable[[jax.Array], object]]:
+    """Flattens every leaf of ``tree`` to ``[B, -1]`` and concatenates them.
+
+    Args:
+      tree: a pytree of arrays that all share the leading batch dimension ``B``.
+
+    Returns:
+      ``(flat, unravel)``: ``flat`` is ``[B, D]`` in the leaves' common dtype, and
+      ``unravel(flat)`` rebuilds a tree with the original shapes and dtypes.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    batch = leaves[0].shape[0]
+    dtype = jnp.result_type(*leaves)
+    shapes = [leaf.shape for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
+    splits = np.cumsum([int(np.prod(s[1:])) for s in shapes])[:-1]
+    flat = jnp.concatenate([leaf.reshape(batch, -1).astype(dtype) for leaf in leaves], axis=1)
+
+    def unravel(matrix):
+        parts = jnp.split(matrix, splits, axis=1)
+        return jax.tree_util.tree_unflatten(
+            treedef, [p.reshape(s).astype(d) for p, s, d in zip(parts, shapes, dtypes)]
+        )
+
+    return flat, unravel
