@@ -1,0 +1,280 @@
+"""CIFAR-10 input pipeline: TFDS data source into memory, numpy batching and augmentation.
+
+The whole dataset is 180 MB as uint8, so it is decoded once into host memory and
+batched with numpy; no TensorFlow is needed to read it. Nothing here imports JAX,
+so every data error surfaces before anything compiles.
+
+Example::
+
+    train = load_split("train", data_dir="../shared/data/tfds")
+    rng = np.random.default_rng(0)
+    for images, labels in epoch_batches(train, 100, rng=rng, drop_remainder=True):
+        x = normalize(augment(images, rng))  # float32 [100, 32, 32, 3] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+_DATASET = "cifar10"
+# `tfds.data_source` needs a random-access format. It picks array_record by
+# itself only when no data_dir is given, so it is always asked for explicitly.
+_BUILDER_KWARGS = {"file_format": "array_record"}
+_IMAGE_SHAPE = (32, 32, 3)
+_CROP_PADDING = 4
+_NUM_EXACT_TEST = 1000  # test_00000..test_00999 are bit-exact (data/README.md)
+_READ_CHUNK = 1000  # per batched read (2x faster than one-by-one) and progress update
+_PROGRESS_MIN = 5000  # a progress bar only for loads of a second or more
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """One split of CIFAR-10, held in memory.
+
+    Attributes:
+        images: uint8 [N, 32, 32, 3].
+        labels: int32 [N], class indices in 0..9.
+        ids: str [N] such as 'test_00042', or None when the dataset has no `id`.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_split(
+    split: str, *, data_dir: str | Path | None = None, limit: int | None = None
+) -> Split:
+    """Reads a CIFAR-10 split into memory through `tfds.data_source`.
+
+    Args:
+        split: a TFDS split name, e.g. 'train' or 'test'.
+        data_dir: a folder holding a prepared copy (`cifar10/3.0.2/...` in array_record
+            format). None uses TFDS's default data dir (TFDS_DATA_DIR or
+            ~/tensorflow_datasets), where TFDS downloads and prepares CIFAR-10 if
+            TensorFlow is installed.
+        limit: read only the first `limit` examples (all if the split is smaller);
+            None reads the whole split.
+
+    Returns:
+        A `Split` with uint8 images, int32 labels and str ids.
+
+    Raises:
+        ValueError: `limit` is not a positive int, or the dataset's features are not
+            CIFAR-10's.
+        FileNotFoundError: `data_dir` does not exist or holds no prepared CIFAR-10, or
+            (data_dir None) the default data dir has none and TensorFlow is missing.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    source = _open_source(split, data_dir)
+    features = source.dataset_info.features
+    _check_features(features)
+    n = len(source) if limit is None else min(limit, len(source))
+    images = np.empty((n, *_IMAGE_SHAPE), np.uint8)
+    labels = np.empty((n,), np.int32)
+    ids = [] if "id" in features else None
+    with tqdm(total=n, desc=f"{_DATASET} {split}", unit="img", disable=n < _PROGRESS_MIN) as bar:
+        for start in range(0, n, _READ_CHUNK):
+            stop = min(start + _READ_CHUNK, n)
+            examples = source.__getitems__(range(start, stop))
+            images[start:stop] = [ex["image"] for ex in examples]
+            labels[start:stop] = [ex["label"] for ex in examples]
+            if ids is not None:
+                ids.extend(_as_str(ex["id"]) for ex in examples)
+            bar.update(stop - start)
+    return Split(images, labels, None if ids is None else np.array(ids, dtype=str))
+
+
+def _open_source(split: str, data_dir: str | Path | None) -> Sequence[dict]:
+    """Opens the TFDS data source, downloading only where that can succeed.
+
+    TFDS's CIFAR-10 preparation reads the downloaded archive with TensorFlow, but it
+    only finds out after downloading 160 MB; without TensorFlow we stop first.
+    """
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data_dir {str(data_dir)!r} does not exist or is not a folder")
+    builder = tfds.builder(_DATASET, data_dir=data_dir, **_BUILDER_KWARGS)
+    if not builder.is_prepared():
+        if data_dir is not None:
+            raise FileNotFoundError(_not_found_message("data_dir", builder.data_dir))
+        if not _tensorflow_installed():
+            raise FileNotFoundError(
+                _not_found_message(
+                    "TFDS's default data dir",
+                    builder.data_dir,
+                    "; TFDS needs TensorFlow to prepare it",
+                )
+            )
+    return tfds.data_source(
+        _DATASET,
+        split=split,
+        data_dir=data_dir,
+        download=data_dir is None,
+        builder_kwargs=_BUILDER_KWARGS,
+    )
+
+
+def _tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _not_found_message(where: str, path: str, reason: str = "") -> str:
+    return (
+        f"CIFAR-10 was not found in {where} (expected a prepared TFDS copy at {path}){reason}. "
+        "To get it, either point data_dir (--data-dir) at a prepared copy, or "
+        "`pip install tensorflow-cpu` and leave data_dir unset, so TFDS downloads and "
+        "prepares it as array_record in TFDS_DATA_DIR or ~/tensorflow_datasets (or run "
+        "`tfds build cifar10 --file_format=array_record --data_dir=DIR` once)."
+    )
+
+
+def _check_features(features) -> None:
+    """Raises ValueError unless `features` has CIFAR-10's `image` and `label`."""
+    missing = {"image", "label"} - set(features.keys())
+    if missing:
+        raise ValueError(
+            f"expected features 'image' and 'label', found {sorted(features.keys())} "
+            f"(missing {sorted(missing)})"
+        )
+    image = features["image"]
+    found = (tuple(image.shape), np.dtype(image.np_dtype))
+    if found != (_IMAGE_SHAPE, np.dtype(np.uint8)):
+        raise ValueError(
+            f"expected uint8 images of shape {_IMAGE_SHAPE}, found {found[1]} {found[0]}"
+        )
+
+
+def _as_str(value) -> str:
+    # The real data stores ids as bytes; tfds.testing.mock_data yields str.
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def exact_test_mask(ids: np.ndarray) -> np.ndarray:
+    """Marks the 1,000 bit-exact test images, ids `test_00000`..`test_00999`.
+
+    Args:
+        ids: str [N], as in `Split.ids`.
+
+    Returns:
+        bool [N].
+    """
+    if ids is None:
+        raise ValueError("exact_test_mask needs ids; this dataset has no 'id' feature")
+    return np.array(
+        [i.startswith("test_") and int(i[len("test_") :]) < _NUM_EXACT_TEST for i in ids],
+        dtype=bool,
+    )
+
+
+def normalize(images):
+    """Maps uint8 pixels to float32 in [0, 1], as torchvision's ToTensor (no mean/std).
+
+    Args:
+        images: uint8 array (numpy or JAX, also inside `jit`).
+
+    Returns:
+        float32 array of the same shape and kind.
+    """
+    return images.astype("float32") / 255.0
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, *, drop_remainder: bool = True) -> int:
+    """Number of batches `epoch_batches` yields.
+
+    Args:
+        num_examples: examples in the split.
+        batch_size: examples per batch.
+        drop_remainder: as in `epoch_batches`.
+
+    Returns:
+        floor(num_examples / batch_size), or the ceiling when the remainder is kept.
+    """
+    _check_batch_size(batch_size)
+    return num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
+
+
+def epoch_batches(
+    split: Split, batch_size: int, *, rng: np.random.Generator | None, drop_remainder: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields one epoch of batches.
+
+    Args:
+        split: the data.
+        batch_size: examples per batch.
+        rng: shuffles the examples when given (training); None keeps their order (eval).
+        drop_remainder: drop the last short batch (training, so every step has one
+            shape) or yield it short (eval; see `pad_batch`).
+
+    Returns:
+        An iterator of (images uint8 [B, 32, 32, 3], labels int32 [B]).
+    """
+    _check_batch_size(batch_size)
+    n = len(split)
+    order = np.arange(n) if rng is None else rng.permutation(n)
+    stop = n - n % batch_size if drop_remainder else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        yield split.images[idx], split.labels[idx]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def pad_batch(
+    images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pads a short batch with zeros to `batch_size`, so a jitted step sees one shape.
+
+    Args:
+        images: [B, ...] with B <= batch_size.
+        labels: [B].
+        batch_size: the full batch size.
+
+    Returns:
+        (images [batch_size, ...], labels [batch_size], mask bool [batch_size]), where
+        mask is True for the B real examples.
+    """
+    n = len(labels)
+    if n > batch_size:
+        raise ValueError(f"batch of {n} examples does not fit batch_size {batch_size}")
+    pad = batch_size - n
+    images = np.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
+    return images, np.pad(labels, (0, pad)), np.arange(batch_size) < n
+
+
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random 32x32 crop of the zero-padded (4 px) image, then a random horizontal flip.
+
+    The same as torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip, done for
+    the whole batch with one gather.
+
+    Args:
+        images: uint8 [B, H, W, C].
+        rng: the source of randomness; the same generator state gives the same output.
+
+    Returns:
+        uint8 [B, H, W, C].
+    """
+    b, h, w, _ = images.shape
+    p = _CROP_PADDING
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    dy = rng.integers(0, 2 * p + 1, size=b)
+    dx = rng.integers(0, 2 * p + 1, size=b)
+    flip = rng.random(b) < 0.5
+    rows = dy[:, None] + np.arange(h)  # [B, H]: source row of each output row
+    cols = dx[:, None] + np.arange(w)  # [B, W]
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)  # mirroring the crop = reading it backwards
+    return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]

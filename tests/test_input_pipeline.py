@@ -1,0 +1,195 @@
+"""CIFAR-10 input pipeline: loading (mocked and real), batching, augmentation, errors."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources import base as tfds_data_sources
+
+from experiments.cifar10 import input_pipeline as ip
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
+
+
+@pytest.fixture
+def mock_cifar(monkeypatch):
+    """Fake CIFAR-10 from `tfds.testing.mock_data`, with two gaps of tfds 4.9.10 filled.
+
+    mock_data makes download_and_prepare a no-op but leaves `is_prepared()` False, and
+    its ArrayRecord mock installs `__getitems__` without binding `self` (a TypeError
+    when called); batched reads fall back to one-by-one reads here.
+    """
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    monkeypatch.setattr(
+        tfds_data_sources.BaseDataSource, "__getitems__", lambda self, keys: [self[k] for k in keys]
+    )
+    # USE_CODE: features come from the cifar10 builder class, no metadata files needed.
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        yield
+
+
+@pytest.fixture(scope="module")
+def real_data():
+    if not (REAL_DATA / "cifar10").is_dir():
+        pytest.skip(f"no prepared CIFAR-10 at {REAL_DATA}")
+    return REAL_DATA
+
+
+def _split(n):
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
+    return ip.Split(images, np.arange(n, dtype=np.int32), None)
+
+
+# Loading.
+
+
+@pytest.mark.parametrize("limit, expected", [(None, 40), (7, 7), (1000, 40)])
+def test_load_split_mocked(mock_cifar, limit, expected):
+    s = ip.load_split("train", limit=limit)
+    assert s.images.shape == (expected, 32, 32, 3) and s.images.dtype == np.uint8
+    assert s.labels.shape == (expected,) and s.labels.dtype == np.int32
+    assert s.ids.shape == (expected,) and isinstance(s.ids[0], str)
+    assert len(s) == expected
+
+
+def test_load_split_real(real_data):
+    train = ip.load_split("train", data_dir=real_data, limit=300)
+    test = ip.load_split("test", data_dir=real_data, limit=1200)
+    assert train.images.shape == (300, 32, 32, 3) and test.images.shape == (1200, 32, 32, 3)
+    for s in (train, test):
+        assert s.images.dtype == np.uint8 and s.labels.dtype == np.int32
+        assert s.labels.min() >= 0 and s.labels.max() <= 9
+    assert all(i.startswith("train_") for i in train.ids)
+    mask = ip.exact_test_mask(test.ids)
+    assert np.array_equal(mask, np.array([int(i[5:]) < 1000 for i in test.ids]))
+    assert 0 < mask.sum() < 1200
+    assert not ip.exact_test_mask(train.ids).any()
+    mean = ip.normalize(train.images).mean(axis=(0, 1, 2), dtype=np.float64)
+    assert np.all((mean > 0.3) & (mean < 0.6)), mean
+
+
+def test_exact_test_mask():
+    ids = np.array(["test_00000", "test_00999", "test_01000", "train_00001", "test_09999"])
+    assert ip.exact_test_mask(ids).tolist() == [True, True, False, False, False]
+
+
+def test_normalize():
+    x = ip.normalize(np.array([0, 51, 255], np.uint8))
+    assert x.dtype == np.float32 and np.allclose(x, [0.0, 0.2, 1.0])
+
+
+# Bad input.
+
+
+def test_missing_data_dir(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        ip.load_split("train", data_dir=missing)
+
+
+def test_unprepared_data_dir(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match="CIFAR-10 was not found in data_dir.*tensorflow-cpu"
+    ):
+        ip.load_split("train", data_dir=tmp_path)
+
+
+def test_unprepared_default_dir_without_tensorflow(tmp_path, monkeypatch):
+    # TFDS would download 160 MB before finding out it needs TensorFlow; we stop first.
+    monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(ip, "_tensorflow_installed", lambda: False)
+    with pytest.raises(
+        FileNotFoundError, match="default data dir.*needs TensorFlow.*tensorflow-cpu"
+    ):
+        ip.load_split("train")
+    assert not any(tmp_path.iterdir())  # nothing downloaded or created
+
+
+@pytest.mark.parametrize("limit", [0, -3, 2.5, True, "10"])
+def test_bad_limit(limit):
+    with pytest.raises(ValueError, match="limit"):
+        ip.load_split("train", data_dir="/nonexistent", limit=limit)
+
+
+@pytest.mark.parametrize(
+    "features, match",
+    [
+        ({"image": tfds.features.Image(shape=(32, 32, 3))}, "missing \\['label'\\]"),
+        (
+            {
+                "image": tfds.features.Image(shape=(28, 28, 1)),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            },
+            "expected uint8 images of shape \\(32, 32, 3\\), found uint8 \\(28, 28, 1\\)",
+        ),
+    ],
+)
+def test_check_features(features, match):
+    with pytest.raises(ValueError, match=match):
+        ip._check_features(tfds.features.FeaturesDict(features))
+
+
+# Batching.
+
+
+def test_epoch_batches_shuffled_covers_every_example_once():
+    s = _split(103)
+    batches = list(ip.epoch_batches(s, 10, rng=np.random.default_rng(0), drop_remainder=False))
+    labels = np.concatenate([b[1] for b in batches])
+    assert sorted(labels.tolist()) == list(range(103)) and labels.tolist() != list(range(103))
+    assert all(np.all(im[:, 0, 0, 0] == lab.astype(np.uint8)) for im, lab in batches)
+    assert [len(b[1]) for b in batches] == [10] * 10 + [3]
+    assert len(batches) == ip.steps_per_epoch(103, 10, drop_remainder=False) == 11
+
+
+def test_epoch_batches_drop_remainder_and_order():
+    s = _split(103)
+    train = list(ip.epoch_batches(s, 10, rng=np.random.default_rng(1), drop_remainder=True))
+    assert len(train) == ip.steps_per_epoch(103, 10) == 10
+    assert all(im.shape == (10, 32, 32, 3) for im, _ in train)
+    ordered = np.concatenate(
+        [lab for _, lab in ip.epoch_batches(s, 10, rng=None, drop_remainder=False)]
+    )
+    assert ordered.tolist() == list(range(103))
+
+
+def test_pad_batch():
+    images, labels = _split(3).images, np.array([4, 5, 6], np.int32)
+    padded, plabels, mask = ip.pad_batch(images, labels, 5)
+    assert padded.shape == (5, 32, 32, 3) and padded.dtype == np.uint8
+    assert np.array_equal(padded[:3], images) and not padded[3:].any()
+    assert plabels.tolist() == [4, 5, 6, 0, 0] and mask.tolist() == [True, True, True, False, False]
+    with pytest.raises(ValueError):
+        ip.pad_batch(images, labels, 2)
+
+
+# Augmentation.
+
+
+def test_augment_shape_dtype_determinism():
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    a = ip.augment(images, np.random.default_rng(5))
+    assert a.shape == images.shape and a.dtype == np.uint8
+    assert np.array_equal(a, ip.augment(images, np.random.default_rng(5)))
+    assert not np.array_equal(a, ip.augment(images, np.random.default_rng(6)))
+
+
+def test_augment_is_a_zero_filled_translation_maybe_mirrored():
+    # Pixels 1..255, so zero fill and every shift are distinguishable.
+    image = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    candidates = {}
+    for dy in range(9):
+        for dx in range(9):
+            crop = padded[dy : dy + 32, dx : dx + 32]
+            candidates[crop.tobytes()] = (dy, dx, False)
+            candidates[crop[:, ::-1].tobytes()] = (dy, dx, True)
+    out = ip.augment(np.repeat(image[None], 2000, axis=0), np.random.default_rng(0))
+    found = [candidates.get(o.tobytes()) for o in out]
+    assert None not in found  # each output is one crop of the padded image, maybe mirrored
+    assert (4, 4, True) in found  # flipped, not shifted: exactly the mirror image
+    assert np.array_equal(out[found.index((4, 4, True))], image[:, ::-1])
+    assert {f[2] for f in found} == {False, True}
+    assert {f[:2] for f in found} == {(dy, dx) for dy in range(9) for dx in range(9)}

@@ -1,0 +1,112 @@
+"""Solvers: known fixed points, per-example semantics, stats, jit/vmap, pytrees."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import deq_jax as dj
+
+# The ridge term is absolute (as in the chapter): at tol 1e-10 it must be far smaller than
+# the Gram matrix of residuals near the solution, or it slows Anderson down.
+SOLVERS = [dj.Anderson(lam=1e-12, tol=1e-10, max_iter=100), dj.ForwardIteration(tol=1e-10, max_iter=300)]
+
+
+def affine_problem(batch=4, dim=6, seed=0):
+    """``f(z) = z A^T + b`` with ||A|| = 0.7: its fixed point solves ``(I - A) z = b``."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(dim, dim))
+    a *= 0.7 / np.linalg.norm(a, 2)
+    b = rng.normal(size=(batch, dim)) * np.arange(1, batch + 1)[:, None]
+    exact = np.linalg.solve(np.eye(dim) - a, b.T).T
+    return (lambda z: z @ jnp.asarray(a).T + jnp.asarray(b)), jnp.zeros((batch, dim)), exact
+
+
+def tanh_problem(batch=5, dim=8, seed=1):
+    """A nonlinear contraction whose examples need different numbers of steps."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    x = rng.normal(size=(batch, dim)) * np.linspace(0.1, 3.0, batch)[:, None]
+    return lambda z: jnp.tanh(z @ jnp.asarray(w).T + jnp.asarray(x)), jnp.zeros((batch, dim))
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=type)
+def test_known_fixed_point_and_stats(x64, solver):
+    f, z0, exact = affine_problem()
+    sol = jax.jit(solver.__call__, static_argnums=0)(f, z0)
+    np.testing.assert_allclose(sol.value, exact, rtol=1e-8)
+    assert sol.converged.all() and (sol.residual < solver.tol).all()
+    assert sol.trace.shape == (solver.max_iter, 4) and sol.num_steps.dtype == jnp.int32
+    for example, steps in enumerate(np.asarray(sol.num_steps)):
+        assert 1 < steps < solver.max_iter
+        assert np.isfinite(sol.trace[:steps, example]).all() and np.isnan(sol.trace[steps:, example]).all()
+        assert sol.trace[steps - 1, example] == sol.residual[example]
+    stats = sol.stats()
+    assert stats.mean_steps == np.mean(sol.num_steps) and stats.converged_fraction == 1.0
+
+
+def test_anderson_solves_affine_problem_in_few_steps(x64):
+    f, z0, _ = affine_problem(dim=4)
+    anderson = dj.Anderson(m=6, lam=0.0, tol=1e-10)(f, z0)
+    forward = dj.ForwardIteration(tol=1e-10, max_iter=300)(f, z0)
+    # With m > dim Anderson is GMRES-like on an affine map: exact after ~dim + 2 steps.
+    assert anderson.num_steps.max() <= 4 + 3 < forward.num_steps.min()
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=type)
+def test_each_example_is_solved_as_if_alone(x64, solver):
+    f, z0 = tanh_problem()
+    batched = solver(f, z0)
+    assert len(set(np.asarray(batched.num_steps).tolist())) > 1, "the problem must give different step counts"
+    for i in range(z0.shape[0]):
+        _, alone_z0 = tanh_problem()
+        alone = solver(lambda z, i=i: f(jnp.zeros_like(z0).at[i].set(z[0]))[i : i + 1], z0[i : i + 1])
+        np.testing.assert_allclose(batched.value[i], alone.value[0], rtol=1e-12, atol=1e-14)
+        assert batched.num_steps[i] == alone.num_steps[0]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=type)
+def test_nan_example_is_reported_and_isolated(x64, solver):
+    f, z0 = tanh_problem()
+    poison = jnp.zeros(z0.shape[0]).at[2].set(jnp.nan)[:, None]
+    sol = solver(lambda z: f(z) + poison, z0)
+    clean = solver(f, z0)
+    keep = np.arange(z0.shape[0]) != 2
+    np.testing.assert_allclose(sol.value[keep], clean.value[keep], rtol=1e-12)
+    assert not sol.converged[2] and sol.residual[2] == np.inf and sol.num_steps[2] == 1
+    assert sol.converged[keep].all()
+
+
+def test_anderson_beats_forward_iteration_on_chapter_demo():
+    cell = dj.nn.ResNetCell(64, 128, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (10, 32, 32, 64))
+    f = jax.jit(lambda z: cell(z, x))
+    anderson = dj.Anderson(tol=1e-4, max_iter=50)(f, jnp.zeros_like(x))
+    forward = dj.ForwardIteration(tol=1e-4, max_iter=50)(f, jnp.zeros_like(x))
+    assert anderson.converged.all()
+    assert anderson.num_steps.max() < forward.num_steps.min()
+
+
+def test_pytree_state_matches_flat_state(x64):
+    f, z0 = tanh_problem(dim=8)
+    split = lambda z: {"a": z[:, :3], "b": z[:, 3:].reshape(-1, 5, 1)}
+    join = lambda t: jnp.concatenate([t["a"], t["b"].reshape(-1, 5)], axis=1)
+    flat = dj.Anderson(lam=1e-12, tol=1e-10)(f, z0)
+    tree = dj.Anderson(lam=1e-12, tol=1e-10)(lambda t: split(f(join(t))), split(z0))
+    np.testing.assert_allclose(join(tree.value), flat.value, rtol=1e-12)
+    np.testing.assert_array_equal(tree.num_steps, flat.num_steps)
+
+
+def test_vmap_over_an_outer_axis(x64):
+    f, z0 = tanh_problem()
+    solver = dj.Anderson(lam=1e-12, tol=1e-10)
+    scales = jnp.array([0.5, 1.0])
+    vmapped = jax.vmap(lambda s: solver(lambda z: f(z) * s, z0).value)(scales)
+    for s, v in zip(scales, vmapped):
+        np.testing.assert_allclose(v, solver(lambda z: f(z) * s, z0).value, rtol=1e-12)
+
+
+def test_solvers_are_hashable_static_arguments():
+    assert hash(dj.Anderson(tol=1e-3)) == hash(dj.Anderson(tol=1e-3))
+    solve = jax.jit(lambda z, solver: solver(jnp.tanh, z).value, static_argnums=1)
+    assert solve(jnp.ones((2, 3)), dj.ForwardIteration(tol=1e-3)).shape == (2, 3)
