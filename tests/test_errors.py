@@ -1,0 +1,81 @@
+"""Bad input gives a clear error at trace time, naming what was expected and what came in."""
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import deq_jax as dj
+
+Z0 = jnp.zeros((2, 3))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: dj.Anderson(m=0), "m must be an int >= 1, got 0"),
+        (lambda: dj.Anderson(max_iter=0), "max_iter must be an int >= 1, got 0"),
+        (lambda: dj.Anderson(max_iter=2.5), "max_iter must be an int >= 1, got 2.5"),
+        (lambda: dj.Anderson(tol=0.0), "tol must be a positive number, got 0.0"),
+        (lambda: dj.Anderson(tol=-1e-3), "tol must be a positive number"),
+        (lambda: dj.Anderson(beta=0), "beta must be a positive number"),
+        (lambda: dj.Anderson(lam=-1.0), "lam must be a number >= 0, got -1.0"),
+        (lambda: dj.ForwardIteration(max_iter=-3), "max_iter must be an int >= 1, got -3"),
+        (lambda: dj.ForwardIteration(tol=None), "tol must be a positive number, got None"),
+    ],
+)
+def test_bad_solver_options(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tolerance'"):
+        dj.Anderson(tolerance=1e-3)
+
+
+@pytest.mark.parametrize("solver", [dj.Anderson(), dj.ForwardIteration()], ids=type)
+def test_shape_mismatch_between_z0_and_f(solver):
+    with pytest.raises(ValueError, match=r"f\(z\) must have the structure, shape and dtype of z0.*\(2, 4\)"):
+        solver(lambda z: jnp.concatenate([z, z[:, :1]], axis=1), Z0)
+
+
+def test_dtype_mismatch_between_z0_and_f(x64):
+    with pytest.raises(ValueError, match="float64"):
+        dj.Anderson()(lambda z: z.astype(jnp.float64), jnp.zeros((2, 3), jnp.float32))
+
+
+def test_non_floating_z0():
+    with pytest.raises(TypeError, match="floating-point arrays, got dtype int32"):
+        dj.Anderson()(lambda z: z, jnp.zeros((2, 3), jnp.int32))
+
+
+def test_z0_without_batch_axis():
+    with pytest.raises(ValueError, match="leading batch axis"):
+        dj.ForwardIteration()(lambda z: z, jnp.float32(1.0))
+
+
+def test_errors_are_raised_at_trace_time_under_jit():
+    with pytest.raises(ValueError, match="f\\(z\\) must have"):
+        jax.jit(lambda z: dj.Anderson()(lambda v: v[:, :1], z).value)(Z0)
+
+
+def test_fixed_point_checks_its_arguments():
+    f = lambda z, a: z * a
+    with pytest.raises(TypeError, match="solver must be one of"):
+        dj.fixed_point(f, Z0, 0.5, solver="anderson")
+    with pytest.raises(TypeError, match="backward_solver must be one of"):
+        dj.fixed_point(f, Z0, 0.5, backward_solver=dj.Anderson)
+    with pytest.raises(ValueError, match=r"backward_stats_probe must have shape \(5,\), got \(3,\)"):
+        dj.fixed_point(f, Z0, 0.5, backward_stats_probe=jnp.zeros(3))
+    with pytest.raises(ValueError, match="f\\(z\\) must have"):
+        dj.fixed_point(lambda z, a: z[:, :2] * a, Z0, 0.5)
+
+
+def test_cell_groups_must_divide_channels():
+    with pytest.raises(ValueError, match="num_groups=8 must divide the channel count 12"):
+        dj.nn.ResNetCell(12, 16, rngs=nnx.Rngs(0))
+
+
+def test_non_convergence_is_reported_not_raised():
+    sol = jax.jit(lambda z: dj.ForwardIteration(tol=1e-6, max_iter=5)(lambda v: -v + 1.0, z))(Z0)
+    assert not sol.converged.any() and (sol.num_steps == 5).all() and (sol.residual > 1e-6).all()
