@@ -109,3 +109,12 @@ def test_jitted_loss_and_grad_compiles_once():
         loss, grads = loss_and_grad(params, x)
         assert np.isfinite(loss)
     assert len(traces) == 1
+
+
+def test_gradients_under_vmap_match_a_loop(x64):
+    f, params, x = cell_problem()
+    xs = jnp.stack([x, 0.5 * x])
+    grad = jax.grad(lambda x: jnp.sum(jnp.sin(dj.fixed_point(f, jnp.zeros_like(x), (params, x), solver=TIGHT[0]).value)))
+    vmapped = jax.jit(jax.vmap(grad))(xs)
+    for x_i, g_i in zip(xs, vmapped):
+        np.testing.assert_allclose(g_i, jax.jit(grad)(x_i), rtol=1e-10)
