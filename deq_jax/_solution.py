@@ -47,7 +47,8 @@ class Solution:
       value: the fixed-point estimate, same structure, shape and dtype as ``z0``.
       num_steps: int32[B], f evaluations spent on each example.
       residual: float[B], relative residual ``||f(z)-z|| / (||f(z)|| + 1e-5)`` of the
-        returned iterate; ``inf`` where the iterate became NaN or Inf.
+        iterate ``z`` whose image ``f(z)`` is returned as ``value``; ``inf`` where the
+        iterate became NaN or Inf.
       trace: float[max_iter, B], the residual after each f evaluation; NaN once an
         example has stopped.
       converged: bool[B], ``residual < tol``.
