@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 
 from experiments.cifar10 import input_pipeline as ip
 
@@ -14,19 +13,9 @@ REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
 
 
 @pytest.fixture
-def mock_cifar(monkeypatch):
-    """Fake CIFAR-10 from `tfds.testing.mock_data`, with two gaps of tfds 4.9.10 filled.
-
-    mock_data makes download_and_prepare a no-op but leaves `is_prepared()` False, and
-    its ArrayRecord mock installs `__getitems__` without binding `self` (a TypeError
-    when called); batched reads fall back to one-by-one reads here.
-    """
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
-    monkeypatch.setattr(
-        tfds_data_sources.BaseDataSource, "__getitems__", lambda self, keys: [self[k] for k in keys]
-    )
-    # USE_CODE: features come from the cifar10 builder class, no metadata files needed.
-    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+def mock_cifar(mock_cifar10):
+    """Fake CIFAR-10 with 40 examples (see ``mock_cifar10`` in conftest.py)."""
+    with mock_cifar10(num_examples=40):
         yield
 
 

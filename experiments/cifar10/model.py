@@ -1,0 +1,93 @@
+"""The chapter's CIFAR-10 DEQ: conv stem, BatchNorm, DEQ(ResNetCell), BatchNorm, pool, linear."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import deq_jax as dj
+
+# PyTorch's BatchNorm2d defaults: eps 1e-5 and momentum 0.1, i.e. Flax's momentum 0.9
+# (Flax keeps 0.9 of the old running statistics, PyTorch mixes in 0.1 of the new).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def torch_default_init(fan_in: int):
+    """PyTorch's default Conv2d/Linear initialisation, so training starts as the chapter's.
+
+    Weights are ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    a third of the variance of Flax's default lecun_normal; biases have the same bound
+    (Flax's default is zero).
+
+    Args:
+      fan_in: inputs per output unit (``in_channels * kernel_h * kernel_w`` for a conv).
+
+    Returns:
+      ``(kernel_init, bias_init)`` for ``nnx.Conv`` / ``nnx.Linear``.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return uniform, uniform
+
+
+class CifarDEQ(nnx.Module):
+    """conv 3->48 -> BN -> DEQ(ResNetCell(48, 64)) -> BN -> AvgPool 8x8 -> Linear 768->10.
+
+    The chapter's model (64,842 trainable parameters) on NHWC images. Flattening the
+    pooled ``[B, 4, 4, 48]`` map is in HWC order, not PyTorch's CHW; the linear layer
+    learns either order equally well.
+
+    Args:
+      solver: the DEQ's forward solver.
+      backward_solver: the solver of its backward linear system.
+      rngs: ``nnx.Rngs`` for the initial weights.
+      channels: channels of the equilibrium state.
+      inner_channels: channels inside the cell.
+      num_classes: outputs of the classifier.
+
+    Example:
+      >>> model = CifarDEQ(solver=dj.Anderson(max_iter=4), backward_solver=None, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 32, 32, 3)), train=False).shape
+      (2, 10)
+    """
+
+    def __init__(self, *, solver, backward_solver, rngs: nnx.Rngs, channels=48, inner_channels=64, num_classes=10):
+        kernel_init, bias_init = torch_default_init(3 * 3 * 3)
+        self.stem = nnx.Conv(
+            3, channels, (3, 3), padding=[(1, 1), (1, 1)], use_bias=True,
+            kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+        )
+        self.norm_in = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+        self.deq = dj.nn.DEQ(
+            dj.nn.ResNetCell(channels, inner_channels, kernel_size=3, rngs=rngs),
+            solver=solver, backward_solver=backward_solver,
+        )
+        self.norm_out = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+        kernel_init, bias_init = torch_default_init(channels * 4 * 4)
+        self.head = nnx.Linear(channels * 4 * 4, num_classes, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        """Classifies a batch.
+
+        Args:
+          images: float [B, 32, 32, 3].
+          train: BatchNorm uses (and updates) batch statistics if True, running ones if False.
+
+        Returns:
+          logits [B, num_classes].
+        """
+        x = self.norm_in(self.stem(images), use_running_average=not train)
+        z = self.norm_out(self.deq(x), use_running_average=not train)
+        z = nnx.avg_pool(z, (8, 8), strides=(8, 8))
+        return self.head(z.reshape(z.shape[0], -1))
+
+
+def param_count(params) -> int:
+    """Number of trainable scalars in a ``nnx.State`` of parameters."""
+    return sum(x.size for x in jax.tree.leaves(params))

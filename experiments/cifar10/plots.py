@@ -1,0 +1,58 @@
+"""PNG plots of a run's per-epoch metrics (``metrics.jsonl`` records)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a training machine
+import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def plot_history(history: list[dict], workdir: str | Path, *, f_tol: float, b_tol: float) -> None:
+    """Writes ``curves.png`` (loss, accuracy) and ``solver.png`` (solver steps, residuals).
+
+    Args:
+      history: one dict per epoch, as in ``metrics.jsonl``.
+      workdir: output folder.
+      f_tol, b_tol: forward and backward tolerances, drawn as reference lines.
+    """
+    workdir = Path(workdir)
+    epochs = [m["epoch"] for m in history]
+    marker = "o" if len(epochs) < 20 else None  # a single epoch still shows up
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        loss_ax.plot(epochs, [m[f"{split}_loss"] for m in history], marker=marker, label=split)
+        acc_ax.plot(epochs, [m[f"{split}_accuracy"] for m in history], marker=marker, label=split)
+    exact = [m["test_exact_accuracy"] for m in history]
+    if None not in exact:
+        acc_ax.plot(epochs, exact, marker=marker, linestyle="--", label="test, bit-exact images")
+    loss_ax.set(xlabel="epoch", ylabel="mean cross-entropy", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "curves.png", dpi=100)
+    plt.close(fig)
+
+    fig, (steps_ax, res_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for prefix, name, tol, color in (("fwd", "forward", f_tol, "C0"), ("bwd", "backward", b_tol, "C1")):
+        for ax, quantity in ((steps_ax, "steps"), (res_ax, "residual")):
+            ax.plot(epochs, [m[f"{prefix}_{quantity}_mean"] for m in history], marker=marker, color=color,
+                    label=f"{name} mean")
+            ax.plot(epochs, [m[f"{prefix}_{quantity}_max"] for m in history], linestyle=":", color=color,
+                    label=f"{name} max")
+        res_ax.axhline(tol, color=color, linestyle="--", linewidth=0.8, label=f"{name} tol")
+    steps_ax.set(xlabel="epoch", ylabel="steps per solve", title="solver steps (train)")
+    res_ax.set(xlabel="epoch", ylabel="relative residual", yscale="log", title="final residuals (train)")
+    for ax in (steps_ax, res_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(workdir / "solver.png", dpi=100)
+    plt.close(fig)

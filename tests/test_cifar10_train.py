@@ -1,0 +1,222 @@
+"""CIFAR-10 experiment: a mocked run, a real-data smoke run, 4 devices vs 1, exact resume, bad input.
+
+Runs are tiny (batches of 10, solves capped at 4 steps) so the file takes a few minutes
+on two busy CPU cores.
+"""
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments.cifar10 import main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
+TINY = dict(batch_size=10, f_max_iter=4, b_max_iter=4)
+MOCK_EXAMPLES = 30  # per split: 3 train steps; eval_limit=25 leaves a padded last eval batch
+PER_EPOCH_FIELDS = (
+    "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_exact_accuracy", "lr",
+    *(f"{p}_{s}" for p in ("fwd", "bwd") for s in ("steps_mean", "steps_max", "residual_mean", "residual_max")),
+    *train.TIMING_FIELDS,
+)
+
+
+class _CompileLog(logging.Handler):
+    """Collects the names in JAX's 'Finished XLA compilation of jit(NAME)' log lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("Finished XLA compilation of "):
+            self.names.append(message.split()[4])
+
+
+def _history(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mocked_run(mock_cifar10, tmp_path_factory):
+    """Two short epochs on mocked data; returns (workdir, config, summary, compiled jit names)."""
+    workdir = tmp_path_factory.mktemp("mocked")
+    config = train.Config(epochs=2, eval_limit=25, **TINY)
+    log, jax_logger = _CompileLog(), logging.getLogger("jax")
+    jax_logger.addHandler(log)
+    try:
+        with mock_cifar10(MOCK_EXAMPLES), jax.log_compiles():
+            summary = train.train_and_evaluate(config, workdir)
+    finally:
+        jax_logger.removeHandler(log)
+    return workdir, config, summary, log.names
+
+
+def test_mocked_run_writes_metrics_summary_plots_and_compiles_once(mocked_run):
+    workdir, _, summary, compiled = mocked_run
+    assert compiled.count("jit(train_step)") == 1 and compiled.count("jit(eval_step)") == 1, compiled
+    history = _history(workdir)
+    assert [m["epoch"] for m in history] == [1, 2]
+    for m in history:
+        assert set(PER_EPOCH_FIELDS) <= set(m)
+        assert m["test_exact_accuracy"] is None  # mocked ids are not test_NNNNN
+        assert all(np.isfinite(v) for k, v in m.items() if k != "test_exact_accuracy")
+        assert 1 <= m["fwd_steps_mean"] <= m["fwd_steps_max"] <= 4 and 1 <= m["bwd_steps_mean"] <= 4
+        assert 0 < m["fwd_residual_mean"] <= m["fwd_residual_max"]
+    assert 1e-6 < history[1]["lr"] < history[0]["lr"] < 1e-3
+    assert json.loads((workdir / "summary.json").read_text()) == summary
+    assert summary["param_count"] == train.CHAPTER_PARAM_COUNT == 64_842
+    assert summary["exact_test_accuracy"] is None and 0 <= summary["test_accuracy"] <= 1
+    assert (summary["epochs"], summary["train_examples"], summary["test_examples"]) == (2, 30, 25)
+    assert summary["wall_s"] > 0 and summary["images_per_s"] > 0 and "cpu" in summary["device"]
+    for png in ("curves.png", "solver.png"):
+        assert (workdir / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_resume_reproduces_the_uninterrupted_run(mocked_run, mock_cifar10, tmp_path):
+    # The uninterrupted run's epoch-1 checkpoint is exactly what a run stopped after epoch 1 leaves.
+    workdir, config, _, _ = mocked_run
+    shutil.copytree(workdir / "checkpoints" / "1", tmp_path / "checkpoints" / "1")
+    with mock_cifar10(MOCK_EXAMPLES):
+        train.train_and_evaluate(dataclasses.replace(config, resume=True), tmp_path)
+
+    def final_state(run):
+        return ocp.StandardCheckpointer().restore(run / "checkpoints" / "2" / "state")
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 final_state(workdir), final_state(tmp_path))
+    strip = [{k: v for k, v in m.items() if k not in train.TIMING_FIELDS} for m in _history(workdir)]
+    assert [{k: v for k, v in m.items() if k not in train.TIMING_FIELDS} for m in _history(tmp_path)] == strip
+
+
+def test_checkpoint_mistakes_are_clear_errors(mocked_run, mock_cifar10, tmp_path):
+    workdir, config, _, _ = mocked_run
+    resume = dataclasses.replace(config, resume=True)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(workdir / "checkpoints" / "2", corrupt / "checkpoints" / "2")
+    for path in (corrupt / "checkpoints" / "2" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    with mock_cifar10(MOCK_EXAMPLES):
+        with pytest.raises(FileExistsError, match="already holds a checkpoint \\(epoch 2\\); pass --resume"):
+            train.train_and_evaluate(config, workdir)
+        with pytest.raises(FileNotFoundError, match="--resume: no complete checkpoint"):
+            train.train_and_evaluate(resume, tmp_path / "empty")
+        with pytest.raises(ValueError, match="differ from the checkpointed run's.*'seed': \\(0, 1\\)"):
+            train.train_and_evaluate(dataclasses.replace(resume, seed=1), workdir)
+        with pytest.raises(ValueError, match="cannot read the checkpoint of epoch 2"):
+            train.train_and_evaluate(resume, corrupt)
+        with pytest.raises(ValueError, match="30 training examples make no batch of --batch-size 40"):
+            train.train_and_evaluate(dataclasses.replace(config, batch_size=40), tmp_path / "big_batch")
+
+
+def test_real_data_loss_goes_down(tmp_path):
+    if not (REAL_DATA / "cifar10").is_dir():
+        pytest.skip(f"no prepared CIFAR-10 at {REAL_DATA}")
+    config = train.Config(data_dir=str(REAL_DATA), epochs=3, train_limit=100, eval_limit=100, **TINY)
+    summary = train.train_and_evaluate(config, tmp_path)
+    losses = [m["train_loss"] for m in _history(tmp_path)]
+    assert losses[2] < losses[0], losses
+    assert summary["exact_test_examples"] > 0 and 0 <= summary["exact_test_accuracy"] <= 1
+
+
+_MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from experiments.cifar10 import train
+
+    assert jax.device_count() == 4, jax.devices()
+    try:
+        train.check_batch_size(6, train.make_mesh())
+        raise AssertionError("a batch of 6 on 4 devices was accepted")
+    except ValueError as e:
+        assert "--batch-size 6 does not split evenly over 4 devices" in str(e), e
+    config = train.Config(batch_size=8, f_max_iter=4, b_max_iter=4)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 8, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (2, 8), dtype=np.int32)
+    runs = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        model_def, state, tx, _ = train.init_state(config, total_steps=10)
+        steps = train.compile_steps(model_def, tx, state, config.batch_size, train.make_mesh(devices))
+        state = jax.device_put(state, steps.replicated)
+        losses = []
+        for x, y in zip(images, labels):
+            batch = jax.device_put((x, y), steps.data)
+            assert len(batch[0].addressable_shards) == len(devices)
+            state, metrics = steps.train(state, *batch)
+            losses.append(float(metrics["loss"]))
+            if len(losses) == 1:
+                first = jax.device_get(state)  # the next step donates (deletes) it
+        runs.append((losses, first))
+    (losses1, one), (losses4, four) = runs
+    np.testing.assert_allclose(losses1, losses4, rtol=1e-5)
+    # The stem's bias feeds a BatchNorm in train mode, so its true gradient is 0: both runs
+    # step it by +-lr in the sign of rounding noise (Adam's first step is sign-like).
+    for tree in (one, four):
+        for t in (tree["params"], tree["opt_state"][0].mu, tree["opt_state"][0].nu):
+            del t["stem"]["bias"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max()),
+                 (one["opt_state"][0].mu, one["batch_stats"]), (four["opt_state"][0].mu, four["batch_stats"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), one["params"], four["params"])
+    print("losses", losses1, losses4)
+""")
+
+
+def test_four_devices_match_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("losses")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be an int >= 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be an int >= 1"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--f-tol", "0"], "--f-tol must be"),
+    (["--b-tol", "-0.001"], "--b-tol must be"),
+    (["--f-max-iter", "0"], "--f-max-iter must be"),
+    (["--b-max-iter", "0"], "--b-max-iter must be"),
+    (["--train-limit", "0"], "--train-limit must be an int >= 1"),
+    (["--eval-limit", "-5"], "--eval-limit must be"),
+    (["--seed", "-1"], "--seed must be an int >= 0"),
+    (["--solver", "newton"], "invalid choice: 'newton'"),
+    (["--epochs", "two"], "invalid int value: 'two'"),
+])
+def test_bad_flags_exit_before_anything_runs(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--workdir", str(tmp_path / "run"), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_workdir_is_required(capsys):
+    with pytest.raises(SystemExit):
+        main.main([])
+    assert "--workdir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data_dir, message", [
+    ("nowhere", "does not exist"),
+    (".", "CIFAR-10 was not found in data_dir"),
+])
+def test_bad_data_dir_is_a_one_line_error(data_dir, message, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / data_dir)])
+    assert str(exit_info.value.code).startswith("error: ") and message in str(exit_info.value.code)
+
