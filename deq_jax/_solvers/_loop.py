@@ -44,6 +44,22 @@ def check_int(owner: str, **values) -> None:
             raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}.")
 
 
+def select_rows(mask: jax.Array, new: jax.Array, old: Callable[[], jax.Array]) -> jax.Array:
+    """``where(mask[:, None], new, old())`` that reads ``old`` only when some row keeps it.
+
+    A select reads both of its operands in full; in the usual case -- every example of
+    the batch still running -- this conditional reads only ``new``. On XLA:CPU that made
+    Anderson's solve 5% faster on ResNetCell(48, 64) at batch 100 (history and best-iterate
+    writes).
+
+    Args:
+      mask: bool[B], rows that take ``new``.
+      new: [B, D].
+      old: returns the [B, D] rows to keep where ``mask`` is False.
+    """
+    return lax.cond(jnp.all(mask), lambda: new, lambda: jnp.where(mask[:, None], new, old()))
+
+
 def relative_residual(x: jax.Array, fx: jax.Array) -> jax.Array:
     """``||f(x) - x|| / (||f(x)|| + eps)`` per row; ``inf`` where it is not finite."""
     residual = jnp.linalg.norm(fx - x, axis=1) / (jnp.linalg.norm(fx, axis=1) + RESIDUAL_EPS)
@@ -131,7 +147,13 @@ def iterate(
 
     def body(s: _LoopState) -> _LoopState:
         x = propose(s.history, s.k)
-        fx = f_flat(x)
+        # f runs as a branch of a conditional (always taken: the loop only runs while some
+        # example is active) so that its output is written to memory once. Otherwise
+        # XLA fuses f's last elementwise ops (e.g. the cell's final GroupNorm) into each
+        # of the four consumers below and recomputes them there: on XLA:CPU that cost
+        # Anderson 25% and forward iteration 10% of an f evaluation per step on
+        # ResNetCell(48, 64) at batch 100. lax.optimization_barrier does not stop it.
+        fx = lax.cond(jnp.any(s.active), f_flat, lambda x: x, x)
         residual = relative_residual(x, fx)
         improved = s.active & (residual < s.best_residual)
         return _LoopState(
@@ -139,7 +161,7 @@ def iterate(
             history=record(s.history, s.k, x, fx, s.active),
             active=s.active & (residual >= tol) & jnp.isfinite(residual),
             num_steps=s.num_steps + s.active,
-            best_fx=jnp.where(improved[:, None], fx, s.best_fx),
+            best_fx=select_rows(improved, fx, lambda: s.best_fx),
             best_residual=jnp.where(improved, residual, s.best_residual),
             trace=s.trace.at[s.k].set(jnp.where(s.active, residual, jnp.nan)),
         )

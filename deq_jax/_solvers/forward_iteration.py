@@ -7,7 +7,7 @@ from typing import Callable
 import jax.numpy as jnp
 
 from .._solution import Solution
-from ._loop import check_int, check_positive, iterate
+from ._loop import check_int, check_positive, iterate, select_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ForwardIteration:
         """Solves ``z = f(z)`` from ``z0``; see :meth:`deq_jax.Anderson.__call__`."""
 
         def record(last_fx, k, x, fx, active):
-            return jnp.where(active[:, None], fx, last_fx)
+            return select_rows(active, fx, lambda: last_fx)
 
         return iterate(
             "ForwardIteration", f, z0, tol=self.tol, max_iter=self.max_iter,
