@@ -1,0 +1,287 @@
+"""What every benchmark shares: problems, side-by-side timing, tables, the chapter's PyTorch code.
+
+Timings on a shared machine drift with the load other processes put on it, so a
+benchmark never compares numbers taken at different moments: the contenders run
+in alternation, one call each per round, and each reports the median over rounds
+(:func:`interleaved`); every table records the load average while it ran.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import deq_jax as dj
+
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "seed_deq_torch.py"
+
+
+@dataclasses.dataclass
+class Result:
+    """What a benchmark returns.
+
+    Attributes:
+      title: one line saying what was measured.
+      table: the markdown table.
+      rows: the table's rows as dicts (numbers, for tests and further use).
+      notes: lines printed under the table (what each column means, settings).
+      load: ``os.getloadavg()`` before and after the measurements.
+    """
+
+    title: str
+    table: str
+    rows: list[dict]
+    notes: list[str]
+    load: tuple[tuple[float, float, float], tuple[float, float, float]]
+
+    def markdown(self) -> str:
+        """The title, the table, the notes and the load average, ready to print."""
+        (b1, b5, b15), (a1, a5, a15) = self.load
+        lines = [f"### {self.title}", "", self.table, ""]
+        lines += [f"- {note}" for note in self.notes]
+        lines.append(f"- load average (1/5/15 min): {b1:.2f}/{b5:.2f}/{b15:.2f} before, "
+                     f"{a1:.2f}/{a5:.2f}/{a15:.2f} after; {environment()}")
+        return "\n".join(lines)
+
+
+def environment() -> str:
+    """The software and the machine a table was measured on, in one line."""
+    versions = f"jax {jax.__version__} ({jax.default_backend()}), flax {flax.__version__}"
+    torch = importlib.util.find_spec("torch")
+    if torch is not None:
+        import torch as _torch
+
+        versions += f", torch {_torch.__version__} ({_torch.get_num_threads()} threads)"
+    return f"{versions}; {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    """The flags every benchmark takes: ``--quick`` (tiny sizes) and ``--repeats``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures nothing")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 5, quick: 2)")
+    return parser.parse_args(argv)
+
+
+def repeats_or_default(repeats: int | None, quick: bool) -> int:
+    """``repeats`` if given, else 2 in quick mode and 5 otherwise."""
+    return repeats if repeats is not None else (2 if quick else 5)
+
+
+def block(tree):
+    """Waits for every array in ``tree`` (JAX dispatches asynchronously)."""
+    return jax.block_until_ready(tree)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True) -> dict[str, float]:
+    """Times several contenders side by side and returns each one's median seconds.
+
+    Each round calls every contender once, in an order rotated from round to round,
+    so drifting machine load hits all of them alike.
+
+    Args:
+      fns: name -> a callable that runs to completion (block on JAX results inside it).
+      repeats: rounds.
+      warmup: call each once, untimed, first (compilation, caches).
+
+    Returns:
+      name -> median wall-clock seconds.
+    """
+    names = list(fns)
+    if warmup:
+        for name in names:
+            fns[name]()
+    samples = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table; floats are printed as given (format them before)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cell_problem(channels: int, inner: int, batch: int, size: int, seed: int = 0, num_groups: int = 8):
+    """The chapter's cell with explicit parameters, an injection and loss weights.
+
+    Args:
+      channels, inner: the cell's ``n_channels`` and ``n_inner_channels``.
+      batch, size: ``x`` is ``[batch, size, size, channels]``, N(0, 1).
+      seed: weights, ``x`` and ``w``.
+      num_groups: GroupNorm groups.
+
+    Returns:
+      ``(cell, f, params, x, w)``: the NNX cell, ``f(z, (params, x))``, the cell's
+      state, the injection and loss weights ``w`` ~ N(0, 1) shaped like ``x``.
+    """
+    cell = dj.nn.ResNetCell(channels, inner, num_groups=num_groups, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(cell)
+
+    def f(z, args):
+        return nnx.merge(graphdef, args[0])(z, args[1])
+
+    key_x, key_w = jax.random.split(jax.random.key(seed))
+    shape = (batch, size, size, channels)
+    return cell, f, params, jax.random.normal(key_x, shape), jax.random.normal(key_w, shape)
+
+
+def load_reference():
+    """The chapter's PyTorch module from ``../shared/reference``, or None without it or torch."""
+    if not REFERENCE.is_file() or importlib.util.find_spec("torch") is None:
+        return None
+    spec = importlib.util.spec_from_file_location("seed_deq_torch", REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def set_torch_threads() -> int:
+    """Gives PyTorch as many threads as XLA:CPU uses (one per core) and returns the number."""
+    import torch
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def nchw(a):
+    """A torch tensor holding the NHWC array ``a`` as NCHW."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
+
+
+def conv_weight(kernel):
+    """A torch Conv2d weight (OIHW) holding an NNX conv kernel (HWIO)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(kernel).transpose(3, 2, 0, 1)))
+
+
+def cell_state_dict(cell: dj.nn.ResNetCell, prefix: str = "") -> dict:
+    """The chapter's ``ResNetLayer`` state dict holding ``cell``'s weights."""
+    import torch
+
+    state = {f"{prefix}{name}.weight": conv_weight(getattr(cell, name).kernel[...]) for name in ("conv1", "conv2")}
+    for name in ("norm1", "norm2", "norm3"):
+        norm = getattr(cell, name)
+        state[f"{prefix}{name}.weight"] = torch.from_numpy(np.array(norm.scale[...]))
+        state[f"{prefix}{name}.bias"] = torch.from_numpy(np.array(norm.bias[...]))
+    return state
+
+
+def torch_cell(ref, cell: dj.nn.ResNetCell):
+    """The chapter's ``ResNetLayer`` with ``cell``'s weights (strict loading: names must match)."""
+    channels, inner = cell.conv1.in_features, cell.conv1.out_features
+    layer = ref.ResNetLayer(channels, inner, num_groups=cell.norm1.num_groups)
+    layer.load_state_dict(cell_state_dict(cell), strict=True)
+    return layer
+
+
+def relative_diff(a, b) -> float:
+    """Largest ``max|a - b| / max|b|`` over the leaves of two matching pytrees."""
+    diffs = jax.tree_util.tree_map(
+        lambda u, v: float(jnp.max(jnp.abs(jnp.asarray(u) - jnp.asarray(v))) / (jnp.max(jnp.abs(jnp.asarray(v))) + 1e-30)),
+        a, b)
+    return max(jax.tree_util.tree_leaves(diffs))
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    """A number for a table: fixed point, or scientific when tiny; 'n/a' for None/NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if value != 0 and abs(value) < 10 ** -digits:
+        return f"{value:.2e}"
+    return f"{value:.{digits}f}"
+
+
+def load() -> tuple[float, float, float]:
+    """``os.getloadavg()``."""
+    return tuple(round(v, 2) for v in os.getloadavg())
+
+
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "tfds"
+
+
+def cifar_batches(batch_size: int, count: int, seed: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """``count`` batches of CIFAR-10 training images (uint8 NHWC) and labels.
+
+    Real images from ``../shared/data/tfds`` when present (the solvers' step counts
+    depend on the data), else uniform random pixels.
+
+    Returns:
+      ``(batches, source)``, source naming where the images came from.
+    """
+    needed = batch_size * count
+    try:
+        from experiments.cifar10 import input_pipeline
+
+        split = input_pipeline.load_split("train", data_dir=DATA_DIR, limit=needed)
+        images, labels, source = split.images, split.labels, "CIFAR-10 train images"
+        if len(labels) < needed:
+            raise FileNotFoundError("too few examples")
+    except (FileNotFoundError, ImportError, ValueError):
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, (needed, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, needed).astype(np.int32)
+        source = "random pixels (CIFAR-10 not found)"
+    batches = [(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size])
+               for i in range(count)]
+    return batches, source
+
+
+def cifar_train_step(batch_size: int, seed: int = 0):
+    """The CIFAR-10 experiment's model, a fresh state and its jitted ``train_step``.
+
+    The compiled step is cached per batch size (benchmarks share it); the state is
+    new on every call, since the step donates (consumes) the state it is given.
+
+    Args:
+      batch_size: the batch the step is compiled for.
+      seed: initial weights.
+
+    Returns:
+      ``(model_def, state, step)``: ``step(state, images, labels) -> (state, metrics)``,
+      compiled ahead of time with the experiment's default ``Config`` (the chapter's settings).
+    """
+    model_def, state, _ = _fresh_train_state(batch_size, seed)
+    return model_def, state, _compiled_train_step(batch_size, seed)
+
+
+def _fresh_train_state(batch_size: int, seed: int):
+    from experiments.cifar10 import train
+
+    config = train.Config(batch_size=batch_size, seed=seed)
+    model_def, state, tx, _ = train.init_state(config, total_steps=1000)
+    return model_def, state, tx
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_train_step(batch_size: int, seed: int):
+    from experiments.cifar10 import train
+
+    model_def, state, tx = _fresh_train_state(batch_size, seed)
+    step = jax.jit(functools.partial(train.train_step, model_def=model_def, tx=tx), donate_argnums=0)
+    images = jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.uint8)
+    labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    return step.lower(state, images, labels).compile()
