@@ -33,6 +33,11 @@ import deq_jax as dj
 
 from . import common
 
+try:
+    import torch
+except ImportError:  # the PyTorch column is n/a; nothing below touches torch without the reference
+    torch = None
+
 SIZES = {
     "full": {"cell": (64, 128, 10, 32), "batches": (32, 100)},
     "quick": {"cell": (8, 16, 2, 8), "batches": (4,)},
@@ -42,10 +47,8 @@ TOL = 1e-4
 
 def forward_solves(ref, sizes, repeats, quick) -> list[dict]:
     """Workload 1: the chapter's solvers against ours on the demo problem."""
-    import torch
-
     cell, f, params, x, _ = common.cell_problem(*sizes)
-    layer, xt = (common.torch_cell(ref, cell) if ref else None), common.nchw(x)
+    layer, xt = (common.torch_cell(ref, cell), common.nchw(x)) if ref else (None, None)
     ours = {
         "Anderson": dj.Anderson(m=5, lam=1e-4, beta=1.0, tol=TOL, max_iter=50),
         "forward iteration": dj.ForwardIteration(tol=TOL, max_iter=50),
@@ -75,8 +78,6 @@ def forward_solves(ref, sizes, repeats, quick) -> list[dict]:
 
 def deq_layer(ref, sizes, repeats, quick) -> list[dict]:
     """Workload 2: one forward + backward pass of the chapter's DEQ layer."""
-    import torch
-
     cell, f, params, x, w = common.cell_problem(*sizes)
     solver = dj.Anderson(m=5, lam=1e-4, beta=2.0, tol=TOL, max_iter=100)
 
@@ -117,8 +118,6 @@ def deq_layer(ref, sizes, repeats, quick) -> list[dict]:
 
 def torch_cifar_model(ref, model_def, state):
     """The chapter's ``make_cifar_model()`` holding the JAX model's weights and BN statistics."""
-    import torch
-
     model = model_def.merge(state["params"], state["batch_stats"])
     net = ref.make_cifar_model()
     sd = {"0.weight": common.conv_weight(model.stem.kernel[...]), "0.bias": torch.from_numpy(np.array(model.stem.bias[...]))}
@@ -141,8 +140,6 @@ def torch_cifar_model(ref, model_def, state):
 
 def training_steps(ref, batch_size, repeats, quick) -> list[dict]:
     """Workload 3: one optimizer step of the CIFAR-10 model, both frameworks from the same weights."""
-    import torch
-
     model_def, state, step = common.cifar_train_step(batch_size)
     batches, source = common.cifar_batches(batch_size, 1)
     images, labels = batches[0]
@@ -191,8 +188,6 @@ def torch_contenders(fn, quick: bool) -> dict:
     timed and the ratio uses the faster, so PyTorch is never handicapped (quick mode:
     one thread only).
     """
-    import torch
-
     def with_threads(n):
         def call():
             torch.set_num_threads(n)
