@@ -22,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import deq_jax as dj
+from experiments.benchmarks.common import REFERENCE, load_reference
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed_deq_torch.py"
 TOL = 1e-4
 SOLVERS_A = {
     "Anderson": dj.Anderson(m=5, lam=1e-4, beta=1.0, tol=TOL, max_iter=50),
@@ -227,20 +226,6 @@ def deq_pass(f, params, x, w) -> dict:
         "probe_stats": probe_stats,
         "jax_grad_s": (grad_compile, grad_run),
     }
-
-
-def load_reference():
-    """Imports the chapter's PyTorch code from ``REFERENCE``.
-
-    Returns:
-      The module, or None when the file or ``torch`` is absent.
-    """
-    if not REFERENCE.is_file() or importlib.util.find_spec("torch") is None:
-        return None
-    spec = importlib.util.spec_from_file_location("seed_deq_torch", REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def torch_layer(ref, cell: dj.nn.ResNetCell, channels: int, inner: int):

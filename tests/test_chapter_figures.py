@@ -2,8 +2,9 @@
 import pytest
 
 from experiments import chapter_figures
+from experiments.benchmarks.common import load_reference
 
-HAVE_TORCH = chapter_figures.load_reference() is not None
+HAVE_TORCH = load_reference() is not None
 
 
 @pytest.fixture(scope="module")
