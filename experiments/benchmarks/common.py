@@ -76,6 +76,23 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def cli(run, doc: str, argv=None) -> "Result":
+    """One benchmark's command line: parses ``--quick``/``--repeats``, runs it, prints its table.
+
+    Args:
+      run: the benchmark's ``run(quick, repeats) -> Result``.
+      doc: its module docstring, for ``--help``.
+      argv: arguments; ``sys.argv[1:]`` if None.
+
+    Returns:
+      The :class:`Result`.
+    """
+    flags = parse_args(doc, argv)
+    result = run(flags.quick, flags.repeats)
+    print(result.markdown())
+    return result
+
+
 def repeats_or_default(repeats: int | None, quick: bool) -> int:
     """``repeats`` if given, else 2 in quick mode and 5 otherwise."""
     return repeats if repeats is not None else (2 if quick else 5)

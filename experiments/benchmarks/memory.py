@@ -171,10 +171,7 @@ def main(argv=None) -> common.Result | None:
     if argv[:1] == ["--child"]:
         child_main(argv[1:])
         return None
-    flags = common.parse_args(__doc__, argv)
-    result = run(flags.quick, flags.repeats)
-    print(result.markdown())
-    return result
+    return common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -69,10 +69,7 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
 
 def main(argv=None) -> common.Result:
     """Command-line entry point: prints the table."""
-    flags = common.parse_args(__doc__, argv)
-    result = run(flags.quick, flags.repeats)
-    print(result.markdown())
-    return result
+    return common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

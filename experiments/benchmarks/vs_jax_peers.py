@@ -218,10 +218,7 @@ def relative_residual(cell, z, x) -> float:
 
 def main(argv=None) -> common.Result:
     """Command-line entry point: prints the table."""
-    flags = common.parse_args(__doc__, argv)
-    result = run(flags.quick, flags.repeats)
-    print(result.markdown())
-    return result
+    return common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":
