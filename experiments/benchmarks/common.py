@@ -216,10 +216,16 @@ def torch_cell(ref, cell: dj.nn.ResNetCell):
 
 
 def relative_diff(a, b) -> float:
-    """Largest ``max|a - b| / max|b|`` over the leaves of two matching pytrees."""
+    """Largest ``||a - b|| / ||b||`` (2-norms) over the leaves of two matching pytrees.
+
+    A 2-norm, not a max: the chapter's cell has ReLUs, and a ReLU that flips between
+    two slightly different fixed points moves single entries of dL/dx by orders of
+    magnitude (e.g. 7.8 vs 0.002 on the demo problem at tol 1e-4) while the gradient as
+    a whole agrees to ~1e-2.
+    """
     diffs = jax.tree_util.tree_map(
-        lambda u, v: float(jnp.max(jnp.abs(jnp.asarray(u) - jnp.asarray(v))) / (jnp.max(jnp.abs(jnp.asarray(v))) + 1e-30)),
-        a, b)
+        lambda u, v: float(jnp.linalg.norm(jnp.ravel(jnp.asarray(u) - jnp.asarray(v)))
+                           / (jnp.linalg.norm(jnp.ravel(jnp.asarray(v))) + 1e-30)), a, b)
     return max(jax.tree_util.tree_leaves(diffs))
 
 
