@@ -76,6 +76,26 @@ def test_backward_stats_come_out_through_the_probe(x64):
     assert 0 < stats.mean_residual <= stats.max_residual < 1e-6 and stats.converged_fraction == 1
 
 
+def test_backward_solve_does_not_depend_on_the_loss_scale(x64):
+    # Anderson's ridge lam is absolute: solved on the raw cotangent, a loss scaled by
+    # 1e-6 makes lam swamp the Gram matrix and the backward solve degrades.
+    f, params, x = cell_problem()
+    solver = dj.Anderson(tol=1e-6, max_iter=100)
+    w = jax.random.normal(jax.random.key(1), x.shape, jnp.float64)
+
+    def grad_and_stats(scale):
+        def loss(params, probe):
+            z = dj.fixed_point(f, jnp.zeros_like(x), (params, x), solver=solver, backward_stats_probe=probe).value
+            return scale * jnp.sum(w * z)
+
+        grads, probe_grad = jax.grad(loss, argnums=(0, 1))(params, jnp.zeros(len(dj.SolveStats._fields)))
+        return jax.tree_util.tree_map(lambda g: g / scale, grads), dj.SolveStats.from_array(probe_grad)
+
+    (tiny, tiny_stats), (unit, unit_stats) = grad_and_stats(1e-6), grad_and_stats(1.0)
+    assert tiny_stats.converged_fraction == 1 and tiny_stats.max_steps == unit_stats.max_steps < 100
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12), tiny, unit)
+
+
 def test_one_forward_and_backward_costs_solver_steps_plus_one_f_evaluation(x64):
     f, params, x = cell_problem()
     calls = []
