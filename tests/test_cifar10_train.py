@@ -168,7 +168,13 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
             del t["stem"]["bias"]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max()),
                  (one["opt_state"][0].mu, one["batch_stats"]), (four["opt_state"][0].mu, four["batch_stats"]))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), one["params"], four["params"])
+    # Adam's first step is lr * sign(g) where |g| >> eps: an entry whose gradient is at
+    # rounding level (|g| < 1e-6) may step either way, so only resolved entries must agree.
+    def same_step(param1, param4, mu1):
+        resolved = np.abs(mu1) > 1e-7  # mu = 0.1 g after one step
+        assert resolved.mean() > 0.99, resolved.mean()
+        np.testing.assert_allclose(param1[resolved], param4[resolved], atol=1e-4)
+    jax.tree.map(same_step, one["params"], four["params"], one["opt_state"][0].mu)
     print("losses", losses1, losses4)
 """)
 

@@ -3,3 +3,5 @@ from .cell import ResNetCell as ResNetCell
 from .deq import DEQ as DEQ
 from .deq import BackwardStatsProbe as BackwardStatsProbe
 from .deq import ForwardStats as ForwardStats
+from .group_norm import GroupNorm as GroupNorm
+from .group_norm import group_norm as group_norm
