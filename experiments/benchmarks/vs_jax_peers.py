@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +154,13 @@ def contenders(channels, inner, batch, size, quick=False):
     return cell, params, x, w, out
 
 
+def error_summary(error: Exception) -> str:
+    """The message of the innermost Python exception in a JAX runtime error (a callback's), else its first line."""
+    messages = [m.group(1) for m in re.finditer(r"^[\w.]*(?:Error|Exception): (.+)$", str(error), re.MULTILINE)]
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return (messages[-1] if messages else lines[0] if lines else type(error).__name__)[:140]
+
+
 def run(quick: bool = False, repeats: int | None = None) -> common.Result:
     """Times every contender's forward solve and forward + backward; see the module docstring."""
     repeats = common.repeats_or_default(repeats, quick)
@@ -171,7 +179,7 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
         try:
             grads = common.block(grad_jit(args, w))
         except jax.errors.JaxRuntimeError as error:  # e.g. optimistix's GMRES adjoint stagnating
-            row.update(grad_error=str(error).splitlines()[-1][:120])
+            row.update(grad_error="failed: " + error_summary(error))
         else:
             reference = grads if reference is None else reference
             row.update(grad_rel_diff=common.relative_diff(grads, reference))
@@ -199,7 +207,7 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
         "is full).",
         "forward f evals: batched f calls, i.e. the most any example took; max rel. residual: "
         "||f(z*) - z*|| / ||f(z*)|| of the returned z*, worst example (one extra f, untimed).",
-        "gradient rel. diff: max |g - g_ref| / max |g_ref| over dL/dparams and dL/dx, g_ref "
+        "gradient rel. diff: largest ||g - g_ref|| / ||g_ref|| over dL/dparams and dL/dx, g_ref "
         + (f"from {base} (quick mode)." if quick else "in float64 (deq_jax, Anderson, tol 1e-10)."),
         f"seconds: jitted, compiled before timing, median of {repeats} rounds alternating all contenders.",
     ]

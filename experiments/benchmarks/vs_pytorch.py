@@ -13,7 +13,7 @@ Three workloads, each run back to back (alternating, median over rounds):
      chapter's solver settings: Anderson m=5, tol 1e-2, max_iter 25 forward and
      backward) at batch 32 and 100 on CIFAR-10 training images:
      ``make_cifar_model()`` + ``optim.Adam`` against the experiment's jitted
-     ``train_step``, both starting from the same weights.
+     ``train_step``, both starting from the same weights and training on the same batches.
 
 Weights are copied from JAX to PyTorch (HWIO -> OIHW kernels, GroupNorm/BatchNorm
 scale/bias -> weight/bias, the linear layer's inputs reordered from HWC to CHW) and
@@ -139,34 +139,37 @@ def torch_cifar_model(ref, model_def, state):
 
 
 def training_steps(ref, batch_size, repeats, quick) -> list[dict]:
-    """Workload 3: one optimizer step of the CIFAR-10 model, both frameworks from the same weights."""
+    """Workload 3: optimizer steps of the CIFAR-10 model, both frameworks from the same weights.
+
+    Every contender trains on the same sequence of batches (its warm-up call on the
+    first, round r on batch r + 1), as training would: a step on one batch over and over
+    overfits it and drifts into harder fixed points than training meets.
+    """
     model_def, state, step = common.cifar_train_step(batch_size)
-    batches, source = common.cifar_batches(batch_size, 1)
-    images, labels = batches[0]
+    batches, source = common.cifar_batches(batch_size, repeats + 1)
     ours = {"state": state, "evals": []}
 
-    def jax_step():
+    def jax_step(images, labels):
         ours["state"], metrics = step(ours["state"], images, labels)
         metrics = jax.device_get(metrics)
         ours["evals"].append((metrics["fwd_steps_max"], metrics["bwd_steps_max"]))
 
-    fns = {"deq_jax": jax_step}
+    fns = {"deq_jax": on_batches(jax_step, batches)}
     theirs = {"evals": []}
     if ref is not None:
         net = torch_cifar_model(ref, model_def, state)
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        xt = common.nchw(images.astype(np.float32) / 255.0)
-        yt = torch.from_numpy(labels.astype(np.int64))
         deq = net[2]
 
-        def torch_step():
+        def torch_step(images, labels):
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(xt), yt).backward()
+            logits = net(common.nchw(images.astype(np.float32) / 255.0))
+            torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels.astype(np.int64))).backward()
             opt.step()
             theirs["evals"].append((len(deq.forward_res) + 2, len(deq.backward_res) + 2))
 
-        fns.update(torch_contenders(torch_step, quick))
+        fns.update({name: on_batches(fn, batches) for name, fn in torch_contenders(torch_step, quick).items()})
     times = common.interleaved(fns, repeats)
 
     def evals(history, extra):
@@ -179,6 +182,12 @@ def training_steps(ref, batch_size, repeats, quick) -> list[dict]:
     return [r]
 
 
+def on_batches(step, batches):
+    """A no-argument callable whose n-th call runs ``step(images, labels)`` on batch n."""
+    position = iter(range(len(batches)))
+    return lambda: step(*batches[next(position)])
+
+
 def torch_contenders(fn, quick: bool) -> dict:
     """``fn`` run by PyTorch with one thread per core and with a single thread.
 
@@ -189,9 +198,9 @@ def torch_contenders(fn, quick: bool) -> dict:
     one thread only).
     """
     def with_threads(n):
-        def call():
+        def call(*args):
             torch.set_num_threads(n)
-            return fn()
+            return fn(*args)
         return call
 
     many = common.set_torch_threads()
@@ -236,9 +245,11 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
         "f evals: forward f evaluations (+ the extra f calls of the layer), backward VJPs; deq_jax's solve stops each "
         "example on its own residual and runs until the slowest one stops, the chapter's stops on one batch-wide residual.",
         f"PyTorch runs with {threads} threads (one per core, as XLA:CPU uses) and with 1 thread, alternating with "
-        "deq_jax; the ratio uses PyTorch's faster setting (on this shared, loaded machine that is 1 thread: with 2, "
-        "every OpenMP region waits for a descheduled thread). deq_jax uses XLA:CPU's default thread pool.",
-        "training steps start from identical weights and train on, so later rounds' step counts drift apart slightly.",
+        "deq_jax; the ratio uses PyTorch's faster setting (when other jobs load this 2-core machine "
+        "that is 1 thread: with 2, every OpenMP region waits for a descheduled thread). deq_jax uses XLA:CPU's default "
+        "thread pool.",
+        "training steps: both start from identical weights and train on the same sequence of CIFAR-10 batches (one "
+        "per round), so their step counts drift apart slightly; f evals are means over the rounds.",
     ] if ref is not None else ["PyTorch or ../shared/reference/seed_deq_torch.py not found: deq_jax only."]
     return common.Result("Q2. deq_jax vs the chapter's PyTorch code", table, rows, notes, (before, common.load()))
 
