@@ -1,7 +1,9 @@
 """CIFAR-10 input pipeline: TFDS data source into memory, numpy batching and augmentation.
 
 The whole dataset is 180 MB as uint8, so it is decoded once into host memory and
-batched with numpy; no TensorFlow is needed to read it. Nothing here imports JAX,
+batched with numpy; no TensorFlow is needed to read it. A data dir may instead hold
+``train.npz``/``test.npz`` exported by ``python -m experiments.cifar10.export_npz``;
+those are read without TFDS (for machines that lack it). Nothing here imports JAX,
 so every data error surfaces before anything compiles.
 
 Example::
@@ -20,7 +22,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 _DATASET = "cifar10"
@@ -55,14 +56,14 @@ class Split:
 def load_split(
     split: str, *, data_dir: str | Path | None = None, limit: int | None = None
 ) -> Split:
-    """Reads a CIFAR-10 split into memory through `tfds.data_source`.
+    """Reads a CIFAR-10 split into memory through `tfds.data_source`, or from an export.
 
     Args:
         split: a TFDS split name, e.g. 'train' or 'test'.
         data_dir: a folder holding a prepared copy (`cifar10/3.0.2/...` in array_record
-            format). None uses TFDS's default data dir (TFDS_DATA_DIR or
-            ~/tensorflow_datasets), where TFDS downloads and prepares CIFAR-10 if
-            TensorFlow is installed.
+            format), or `<split>.npz` files written by `export_npz` (read without TFDS).
+            None uses TFDS's default data dir (TFDS_DATA_DIR or ~/tensorflow_datasets),
+            where TFDS downloads and prepares CIFAR-10 if TensorFlow is installed.
         limit: read only the first `limit` examples (all if the split is smaller);
             None reads the whole split.
 
@@ -77,6 +78,8 @@ def load_split(
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if data_dir is not None and (Path(data_dir) / f"{split}.npz").is_file():
+        return _load_npz(Path(data_dir) / f"{split}.npz", limit)
     source = _open_source(split, data_dir)
     features = source.dataset_info.features
     _check_features(features)
@@ -96,12 +99,29 @@ def load_split(
     return Split(images, labels, None if ids is None else np.array(ids, dtype=str))
 
 
+def _load_npz(path: Path, limit: int | None) -> Split:
+    """Reads a split exported by `export_npz`: arrays `images`, `labels`, `ids`."""
+    with np.load(path) as data:
+        missing = {"images", "labels", "ids"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} is not a CIFAR-10 export: it lacks {sorted(missing)}")
+        images, labels, ids = (data[k][:limit] for k in ("images", "labels", "ids"))
+    if images.dtype != np.uint8 or images.shape[1:] != _IMAGE_SHAPE or len(labels) != len(images):
+        raise ValueError(
+            f"{path}: expected uint8 images [N, 32, 32, 3] and N labels, got {images.dtype} "
+            f"{images.shape} and {labels.shape}"
+        )
+    return Split(images, labels.astype(np.int32), ids.astype(str))
+
+
 def _open_source(split: str, data_dir: str | Path | None) -> Sequence[dict]:
     """Opens the TFDS data source, downloading only where that can succeed.
 
     TFDS's CIFAR-10 preparation reads the downloaded archive with TensorFlow, but it
     only finds out after downloading 160 MB; without TensorFlow we stop first.
     """
+    import tensorflow_datasets as tfds  # here: an exported copy is read without TFDS
+
     if data_dir is not None and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"data_dir {str(data_dir)!r} does not exist or is not a folder")
     builder = tfds.builder(_DATASET, data_dir=data_dir, **_BUILDER_KWARGS)
