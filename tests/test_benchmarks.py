@@ -4,7 +4,7 @@ import math
 import pytest
 
 from experiments.benchmarks import __main__ as run_all
-from experiments.benchmarks import common, memory, scaling, solver_overhead, vs_jax_peers, vs_pytorch
+from experiments.benchmarks import common, memory, ops, scaling, solver_overhead, vs_jax_peers, vs_pytorch
 
 
 def check_table(result: common.Result, columns: int) -> None:
@@ -18,6 +18,14 @@ def check_table(result: common.Result, columns: int) -> None:
 
 def positive(value) -> bool:
     return value is not None and math.isfinite(value) and value > 0
+
+
+def test_ops():
+    result = ops.run(quick=True)
+    check_table(result, columns=4)
+    assert {r["op"] for r in result.rows} == {"GroupNorm forward", "GroupNorm VJP", "conv 64->48 input VJP",
+                                              "ResNetCell(48,64) forward", "ResNetCell(48,64) VJP"}
+    assert all(positive(r["ms"]) and positive(r["vs_first"]) for r in result.rows)
 
 
 def test_solver_overhead():

@@ -57,9 +57,9 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
     uses a kernel flipped and transposed *in memory* instead of one relabelled ``01oi``.
     Inside a ``lax.while_loop`` -- where a DEQ's backward solve applies it at every
     step -- XLA:CPU (jax 0.10.2) does not rewrite the relabelled form to its fast
-    convolution kernels: the input gradient of ``ResNetCell(64, 128)``'s conv1 at batch
-    10 took 90 ms per step there and 12 ms with this function (12 ms outside a loop
-    either way); a whole VJP of the cell in a loop went from 195 ms to 29 ms.
+    convolution kernels: the input gradient of ``ResNetCell(48, 64)``'s conv2 at batch
+    100 takes 1452 ms per application in a loop with ``lax.conv_general_dilated`` and
+    44 ms with this function (``python -m experiments.benchmarks.ops``, 2 cores).
 
     It is a ``jax.custom_vjp``: reverse mode and ``vmap`` work, forward mode
     (``jax.jvp``, ``jax.jacfwd``, optimistix's ``ImplicitAdjoint``) does not; give such
