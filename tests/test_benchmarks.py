@@ -4,7 +4,8 @@ import math
 import pytest
 
 from experiments.benchmarks import __main__ as run_all
-from experiments.benchmarks import common, memory, ops, scaling, solver_overhead, vs_jax_peers, vs_pytorch
+from experiments.benchmarks import (backward_scale, common, memory, ops, scaling, solver_overhead, vs_jax_peers,
+                                   vs_pytorch)
 
 
 def check_table(result: common.Result, columns: int) -> None:
@@ -26,6 +27,15 @@ def test_ops():
     assert {r["op"] for r in result.rows} == {"GroupNorm forward", "GroupNorm VJP", "conv 64->48 input VJP",
                                               "ResNetCell(48,64) forward", "ResNetCell(48,64) VJP"}
     assert all(positive(r["ms"]) and positive(r["vs_first"]) for r in result.rows)
+
+
+def test_backward_scale():
+    result = backward_scale.run(quick=True)
+    check_table(result, columns=4)
+    assert len(result.rows) == 4
+    for r in result.rows:
+        assert 1 <= r["mean_steps"] <= r["max_steps"] <= backward_scale.MAX_ITER
+        assert 0 < r["mean_residual"] <= r["max_residual"] and 0 <= r["converged_fraction"] <= 1
 
 
 def test_solver_overhead():
