@@ -40,7 +40,9 @@ def _conv_bwd(padding, dimension_numbers, precision, residuals, cotangent):
         cotangent, flipped, transposed_padding, lax.ConvDimensionNumbers(out_spec, rhs_spec, lhs_spec), precision
     )
     # The kernel gradient keeps JAX's rule: it is needed once per training step, outside
-    # any loop; inside the backward solve nothing uses it and XLA drops it.
+    # any loop, where it is the fastest form we found; inside the backward solve nothing
+    # uses it and XLA drops it. (Inside a loop -- backprop through unrolled cells -- XLA:CPU
+    # runs it ~50x slower; nine per-tap matmuls would avoid that but cost ~1.3x outside.)
     _, rhs_vjp = jax.vjp(lambda r: _plain_conv(lhs, r, padding, dimension_numbers, precision), rhs)
     return lhs_bar, rhs_vjp(cotangent)[0]
 
@@ -60,6 +62,10 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
     convolution kernels: the input gradient of ``ResNetCell(48, 64)``'s conv2 at batch
     100 takes 1452 ms per application in a loop with ``lax.conv_general_dilated`` and
     44 ms with this function (``python -m experiments.benchmarks.ops``, 2 cores).
+
+    The kernel gradient keeps JAX's rule, which is fast outside loops (once per training
+    step) but slow on XLA:CPU inside one: backprop through many unrolled cells, where
+    every step needs it, is slow on CPU either way.
 
     It is a ``jax.custom_vjp``: reverse mode and ``vmap`` work, forward mode
     (``jax.jvp``, ``jax.jacfwd``, optimistix's ``ImplicitAdjoint``) does not; give such

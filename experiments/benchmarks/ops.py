@@ -15,6 +15,8 @@ Usage:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -44,7 +46,7 @@ def vjp_in_loop(fn, primal, cotangent, fit=lambda v: v):
     return in_loop(lambda g, y: fit(pullback(g)[0]) + y, cotangent, cotangent)
 
 
-def contenders(batch: int) -> dict[str, dict[str, callable]]:
+def contenders(batch: int) -> dict[str, dict[str, Callable[[], object]]]:
     """op name -> {contender: timed callable}."""
     keys = iter(jax.random.split(jax.random.key(0), 8))
     normal = lambda *shape: jax.random.normal(next(keys), shape)
