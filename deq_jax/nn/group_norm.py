@@ -1,4 +1,4 @@
-"""Channels-last GroupNorm with per-channel reductions and a hand-written VJP."""
+"""Channels-last GroupNorm with per-channel reductions and a closed-form derivative."""
 from __future__ import annotations
 
 import functools
@@ -8,27 +8,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def _group_mean(per_channel_sum: jax.Array, num_groups: int, count: int) -> jax.Array:
-    """``[B, C]`` sums over the non-channel axes -> each channel's group mean, ``[B, C]``."""
-    batch, channels = per_channel_sum.shape
-    grouped = per_channel_sum.reshape(batch, num_groups, channels // num_groups)
-    mean = jnp.sum(grouped, axis=2, keepdims=True) / count
-    return jnp.broadcast_to(mean, grouped.shape).reshape(batch, channels)
-
-
 def _normalize(x: jax.Array, num_groups: int, epsilon: float):
-    """``(x - mean) / sqrt(var + eps)`` per example and group, and ``1/sqrt(var + eps)``.
+    """``(x_hat, inv_std, group_mean)`` of GroupNorm, per example and group.
 
-    Sums run over the spatial axes first, with channels minor (vectorised), then over
-    the few channels of a group; the variance is the exact two-pass one. Both results
-    are in ``x``'s dtype, ``inv_std`` broadcast per channel as ``[B, 1.., C]``.
+    ``x_hat = (x - mean) * inv_std`` with ``inv_std = 1/sqrt(var + eps)`` broadcast per
+    channel as ``[B, 1.., C]``; ``group_mean(v)`` is the same per-group mean for any
+    ``v`` shaped like ``x`` (the derivative reuses it). Sums run over the spatial axes
+    first, with channels minor (vectorised), then over the few channels of a group;
+    the variance is the exact two-pass one.
     """
+    batch, channels = x.shape[0], x.shape[-1]
     spatial = tuple(range(1, x.ndim - 1))
     count = x[0].size // num_groups
 
     def group_mean(v):
-        return _group_mean(jnp.sum(v, axis=spatial), num_groups, count).reshape(
-            (x.shape[0],) + (1,) * len(spatial) + (x.shape[-1],))
+        grouped = jnp.sum(v, axis=spatial).reshape(batch, num_groups, channels // num_groups)
+        mean = jnp.broadcast_to(jnp.sum(grouped, axis=2, keepdims=True) / count, grouped.shape)
+        return mean.reshape((batch,) + (1,) * len(spatial) + (channels,))
 
     centred = x - group_mean(x)
     inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred)) + epsilon)

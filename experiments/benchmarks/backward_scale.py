@@ -23,6 +23,8 @@ from flax import nnx
 
 import deq_jax as dj
 from deq_jax._fixed_point import solve_transposed
+from experiments.cifar10.input_pipeline import normalize
+from experiments.cifar10.model import CifarDEQ
 
 from . import common
 
@@ -32,22 +34,17 @@ TOL, MAX_ITER = 1e-2, 25
 
 def backward_problem(batch_size: int):
     """``(vjp_z, y, z_star)`` of the CIFAR-10 model's DEQ at initialisation on real images."""
-    from experiments.cifar10.input_pipeline import normalize
-    from experiments.cifar10.model import CifarDEQ
-
     solver = dj.Anderson(m=5, tol=TOL, max_iter=MAX_ITER)
     model = CifarDEQ(solver=solver, backward_solver=None, rngs=nnx.Rngs(0))
     (images, labels), = common.cifar_batches(batch_size, 1)[0]
-    x = model.norm_in(model.stem(jnp.asarray(normalize(images))), use_running_average=False)
+    x = model.inject(jnp.asarray(normalize(images)), train=True)
     cell_def, cell_state = nnx.split(model.deq.cell)
     f = lambda z: nnx.merge(cell_def, cell_state)(z, x)
     z_star = solver(f, jnp.zeros_like(x)).value
-    head_def, head_state = nnx.split((model.norm_out, model.head))
+    model_def, model_state = nnx.split(model)
 
     def loss(z):
-        norm, head = nnx.merge(head_def, head_state, copy=True)
-        pooled = nnx.avg_pool(norm(z, use_running_average=False), (8, 8), strides=(8, 8))
-        logits = head(pooled.reshape(z.shape[0], -1))
+        logits = nnx.merge(model_def, model_state, copy=True).classify(z, train=True)
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
 
     _, vjp = jax.vjp(f, z_star)

@@ -74,6 +74,18 @@ def deq_jax_contender(f, solver):
     return solve, loss
 
 
+def vmapped_contender(per_example):
+    """``(solve, loss)`` from a one-example solve ``(params, x) -> (z*, steps)``, vmapped over x."""
+    def solve(args):
+        z, steps = jax.vmap(per_example, in_axes=(None, 0))(*args)
+        return z, jnp.max(steps)
+
+    def loss(args, w):
+        return jnp.vdot(solve(args)[0], w)
+
+    return solve, loss
+
+
 def jaxopt_contender(f, solver_cls, dim, **kwargs):
     """jaxopt's solver, vmapped over examples; tol = TOL * sqrt(D) on the 2-norm (see module doc)."""
     f1 = one_example(f)
@@ -83,14 +95,7 @@ def jaxopt_contender(f, solver_cls, dim, **kwargs):
         out = make().run(jnp.zeros_like(x), (params, x))
         return out.params, out.state.iter_num
 
-    def solve(args):
-        z, steps = jax.vmap(per_example, in_axes=(None, 0))(*args)
-        return z, jnp.max(steps)
-
-    def loss(args, w):
-        return jnp.vdot(solve(args)[0], w)
-
-    return solve, loss
+    return vmapped_contender(per_example)
 
 
 def optimistix_contender(f):
@@ -107,14 +112,7 @@ def optimistix_contender(f):
                                adjoint=adjoint)
         return sol.value, sol.stats["num_steps"]
 
-    def solve(args):
-        z, steps = jax.vmap(per_example, in_axes=(None, 0))(*args)
-        return z, jnp.max(steps)
-
-    def loss(args, w):
-        return jnp.vdot(solve(args)[0], w)
-
-    return solve, loss
+    return vmapped_contender(per_example)
 
 
 def reference_gradient(cell, x, w):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import deq_jax as dj
+from experiments.cifar10.input_pipeline import normalize
 
 from . import common
 
@@ -164,7 +165,7 @@ def training_steps(ref, batch_size, repeats, quick) -> list[dict]:
 
         def torch_step(images, labels):
             opt.zero_grad()
-            logits = net(common.nchw(images.astype(np.float32) / 255.0))
+            logits = net(common.nchw(normalize(images)))
             torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels.astype(np.int64))).backward()
             opt.step()
             theirs["evals"].append((len(deq.forward_res) + 2, len(deq.backward_res) + 2))

@@ -31,7 +31,7 @@ def export(data_dir: str | Path | None, out: str | Path, limits: dict[str, int |
       data_dir: a TFDS data dir holding ``cifar10`` (array_record); None: TFDS's default.
       out: the folder to write (created if missing).
       limits: split name -> most examples to export (None: all).
-      exact_test_only: keep only the bit-exact test images (then the test limit must be None).
+      exact_test_only: keep only the bit-exact test images (among the first ``limits['test']``).
 
     Returns:
       split name -> path written.

@@ -82,9 +82,15 @@ class CifarDEQ(nnx.Module):
         Returns:
           logits [B, num_classes].
         """
-        x = self.norm_in(self.stem(images), use_running_average=not train)
-        z = self.norm_out(self.deq(x), use_running_average=not train)
-        z = nnx.avg_pool(z, (8, 8), strides=(8, 8))
+        return self.classify(self.deq(self.inject(images, train=train)), train=train)
+
+    def inject(self, images: jax.Array, *, train: bool) -> jax.Array:
+        """The DEQ's input ``x``: stem convolution and BatchNorm, [B, 32, 32, channels]."""
+        return self.norm_in(self.stem(images), use_running_average=not train)
+
+    def classify(self, z: jax.Array, *, train: bool) -> jax.Array:
+        """Logits from the equilibrium state ``z``: BatchNorm, 8x8 average pool, linear."""
+        z = nnx.avg_pool(self.norm_out(z, use_running_average=not train), (8, 8), strides=(8, 8))
         return self.head(z.reshape(z.shape[0], -1))
 
 
