@@ -48,9 +48,8 @@ def select_rows(mask: jax.Array, new: jax.Array, old: Callable[[], jax.Array]) -
     """``where(mask[:, None], new, old())`` that reads ``old`` only when some row keeps it.
 
     A select reads both of its operands in full; in the usual case -- every example of
-    the batch still running -- this conditional reads only ``new``. On XLA:CPU that made
-    Anderson's solve 5% faster on ResNetCell(48, 64) at batch 100 (history and best-iterate
-    writes).
+    the batch still running -- this conditional reads only ``new`` (history and
+    best-iterate writes of every step).
 
     Args:
       mask: bool[B], rows that take ``new``.
@@ -150,9 +149,8 @@ def iterate(
         # f runs as a branch of a conditional (always taken: the loop only runs while some
         # example is active) so that its output is written to memory once. Otherwise
         # XLA fuses f's last elementwise ops (e.g. the cell's final GroupNorm) into each
-        # of the four consumers below and recomputes them there: on XLA:CPU that cost
-        # Anderson 25% and forward iteration 10% of an f evaluation per step on
-        # ResNetCell(48, 64) at batch 100. lax.optimization_barrier does not stop it.
+        # of the four consumers below and recomputes them there, a large part of an f
+        # evaluation per step on XLA:CPU. lax.optimization_barrier does not stop it.
         fx = lax.cond(jnp.any(s.active), f_flat, lambda x: x, x)
         residual = relative_residual(x, fx)
         improved = s.active & (residual < s.best_residual)

@@ -16,11 +16,9 @@ class AndersonHistory(NamedTuple):
     and the Gram matrix of those residuals ([B, m, m]).
 
     The Gram matrix is kept up to date one row per step (the new residual against the
-    stored ones) instead of being recomputed from ``F - X`` at every step. With the
-    other changes of this file (no [B, D] select for the second iterate, row selects
-    only when some example has stopped) that cut Anderson's solve time on XLA:CPU by
-    21% on the chapter's demo problem (0.87 -> 0.67 s, 22 steps) and by 37% on the CIFAR
-    cell at batch 100 (5.2 -> 3.3 s, 17 steps), with the same steps and residuals.
+    stored ones) instead of being recomputed from ``F - X`` at every step: one pass
+    over the history per step instead of a full ``[B, m, m]`` product (the solve's cost
+    beyond f is in ``python -m experiments.benchmarks.solver_overhead``).
     """
 
     fx: jax.Array

@@ -42,7 +42,7 @@ def _conv_bwd(padding, dimension_numbers, precision, residuals, cotangent):
     # The kernel gradient keeps JAX's rule: it is needed once per training step, outside
     # any loop, where it is the fastest form we found; inside the backward solve nothing
     # uses it and XLA drops it. (Inside a loop -- backprop through unrolled cells -- XLA:CPU
-    # runs it ~50x slower; nine per-tap matmuls would avoid that but cost ~1.3x outside.)
+    # runs it far slower; nine per-tap matmuls would avoid that but are slower outside.)
     _, rhs_vjp = jax.vjp(lambda r: _plain_conv(lhs, r, padding, dimension_numbers, precision), rhs)
     return lhs_bar, rhs_vjp(cotangent)[0]
 

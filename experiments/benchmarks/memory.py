@@ -22,7 +22,9 @@ Two measures, both per contender and N:
 
 It takes ~23 minutes on 2 CPU cores, nearly all in the unrolled baseline: its backward
 pass needs the convolutions' kernel gradients inside a loop, which XLA:CPU runs slowly
-there (77 s for the whole N = 10 measurement, against 7 s for deq_jax and for PyTorch).
+there: 77 s for the whole N = 10 measurement against 7 s for deq_jax and for PyTorch
+(``time python -m experiments.benchmarks.memory --child unrolled 10 48 64 32 32``, and
+``deq_jax``/``torch`` in place of ``unrolled``).
 
 Usage:
   python -m experiments.benchmarks.memory [--quick] [--repeats N]
