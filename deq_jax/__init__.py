@@ -1,13 +1,18 @@
 """deq_jax: deep equilibrium models in JAX.
 
 Per-example fixed-point solvers that compile end to end, a fixed-point function with
-exact implicit gradients, and Flax NNX layers (see :mod:`deq_jax.nn`).
+exact implicit or phantom gradients, Jacobian regularisation, and Flax NNX layers (see :mod:`deq_jax.nn`).
 """
 from . import nn as nn
 from ._fixed_point import fixed_point as fixed_point
+from ._gradients import Implicit as Implicit
+from ._gradients import Phantom as Phantom
 from ._solution import Solution as Solution
 from ._solution import SolveStats as SolveStats
 from ._solvers import Anderson as Anderson
+from ._solvers import Broyden as Broyden
 from ._solvers import ForwardIteration as ForwardIteration
+from ._jacobian import jacobian_penalty as jacobian_penalty
+from ._jacobian import spectral_radius as spectral_radius
 
 __version__ = "0.1.0"

@@ -8,18 +8,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ._gradients import Implicit, Phantom, check_gradient, phantom_solve
 from ._solution import NUM_STATS, Solution
-from ._solvers import Anderson, ForwardIteration
+from ._solvers import Anderson, check_solver
 from ._solvers._loop import check_problem
-
-SOLVERS = (Anderson, ForwardIteration)
-
-
-def _check_solver(name: str, solver) -> None:
-    if not isinstance(solver, SOLVERS):
-        raise TypeError(
-            f"fixed_point: {name} must be one of {[s.__name__ for s in SOLVERS]}, got {solver!r}."
-        )
 
 
 def fixed_point(
@@ -28,18 +20,21 @@ def fixed_point(
     args,
     *,
     solver=Anderson(),
-    backward_solver=None,
+    gradient=Implicit(),
     backward_stats_probe: jax.Array | None = None,
 ) -> Solution:
-    """Solves ``z* = f(z*, args)`` with gradients from the implicit function theorem.
+    """Solves ``z* = f(z*, args)``, differentiable w.r.t. ``args`` by the chosen gradient strategy.
 
-    The forward pass runs ``solver`` without recording a tape. The backward pass
-    linearises ``f`` once at ``z*`` (one f evaluation), solves the transposed linear
-    fixed point ``g = J_f(z*)^T g + y`` with ``backward_solver`` (each step is one
-    VJP, no f evaluation; solved for ``y`` rescaled to the size of ``z*``, so that
-    Anderson's absolute ridge does not depend on the loss's scale), and returns
-    ``(d f / d args)^T g``. The chapter's layer
-    spends two f evaluations beyond its solver; this spends one.
+    The forward pass runs ``solver`` without recording a tape. With
+    ``gradient=Implicit(backward_solver)`` (the default) the backward pass linearises
+    ``f`` once at ``z*`` (one f evaluation), solves the transposed linear fixed point
+    ``g = J_f(z*)^T g + y`` with the backward solver (each step is one VJP, no f
+    evaluation; solved for ``y`` rescaled to the size of ``z*``, so that Anderson's
+    absolute ridge does not depend on the loss's scale), and returns
+    ``(d f / d args)^T g``. The chapter's layer spends two f evaluations beyond its
+    solver; this spends one. With ``gradient=Phantom(steps, damping)`` the value is
+    the last of ``steps`` damped steps from ``z*``, differentiated by backprop through
+    those steps only (see :class:`Phantom`).
 
     Args:
       f: ``f(z, args) -> z``, batched over the leading axis of ``z``.
@@ -48,15 +43,19 @@ def fixed_point(
       args: a pytree of arrays: everything ``f`` depends on that should receive
         gradients (parameters, injected input). Arrays ``f`` closes over are found
         with ``jax.closure_convert`` and differentiated too.
-      solver: the forward solver, :class:`Anderson` or :class:`ForwardIteration`.
-      backward_solver: the solver of the backward linear system; ``solver`` if None.
+      solver: the forward solver, :class:`Anderson`, :class:`Broyden` or :class:`ForwardIteration`.
+      gradient: :class:`Implicit` (exact; its ``solver`` solves the backward system, the
+        forward one if None) or :class:`Phantom` (inexact, cheaper).
       backward_stats_probe: optional float vector of length ``len(SolveStats._fields)``.
-        Its value is ignored; its gradient is the :class:`SolveStats` of the backward
-        solve (summed over every call that shares the probe), which is how backward
-        statistics leave a jitted ``grad``. Use ``SolveStats.from_array(grad)``.
+        Its value is ignored; with :class:`Implicit` its gradient is the
+        :class:`SolveStats` of the backward solve (summed over every call that shares
+        the probe), which is how backward statistics leave a jitted ``grad``
+        (``SolveStats.from_array(grad)``); with :class:`Phantom`, which solves
+        nothing backward, its gradient is zero.
 
     Returns:
-      The forward :class:`Solution`; ``value`` is differentiable w.r.t. ``args``.
+      The forward :class:`Solution` (for :class:`Phantom`, ``value`` is the last unrolled
+      state); ``value`` is differentiable w.r.t. ``args``.
 
     Example:
       >>> import jax, jax.numpy as jnp, deq_jax as dj
@@ -65,9 +64,8 @@ def fixed_point(
       >>> jax.grad(loss)(0.5).dtype
       dtype('float32')
     """
-    _check_solver("solver", solver)
-    backward_solver = solver if backward_solver is None else backward_solver
-    _check_solver("backward_solver", backward_solver)
+    check_solver("fixed_point: solver", solver)
+    check_gradient(gradient)
     check_problem("fixed_point", lambda z: f(z, args), z0)
     if backward_stats_probe is None:
         backward_stats_probe = jnp.zeros(NUM_STATS, jnp.float32)
@@ -76,6 +74,9 @@ def fixed_point(
             f"fixed_point: backward_stats_probe must have shape ({NUM_STATS},), "
             f"got {jnp.shape(backward_stats_probe)}."
         )
+    if isinstance(gradient, Phantom):
+        return phantom_solve(f, z0, args, solver, gradient)
+    backward_solver = solver if gradient.solver is None else gradient.solver
     closed_f, consts = jax.closure_convert(f, z0, args)
 
     def explicit_f(z, all_args):

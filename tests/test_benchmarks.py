@@ -100,3 +100,12 @@ def test_run_all_knows_every_benchmark(monkeypatch, capsys):
     run_all.main(["--quick", "--repeats", "1"])
     assert calls == [(name, True, 1) for name in run_all.BENCHMARKS]
     assert capsys.readouterr().out.count("### ") == len(run_all.BENCHMARKS)
+
+
+def test_jacobian_cost():
+    from experiments.benchmarks import jacobian_cost
+
+    result = jacobian_cost.run(quick=True, repeats=1)
+    check_table(result, columns=3)
+    assert [r["computation"] for r in result.rows][0] == "f" and result.rows[0]["vs_f"] == 1
+    assert len(result.rows) == 6 and all(positive(r["ms"]) and positive(r["vs_f"]) for r in result.rows)

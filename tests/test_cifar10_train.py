@@ -27,8 +27,11 @@ MOCK_EXAMPLES = 30  # per split: 3 train steps; eval_limit=25 leaves a padded la
 PER_EPOCH_FIELDS = (
     "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_exact_accuracy", "lr",
     *(f"{p}_{s}" for p in ("fwd", "bwd") for s in ("steps_mean", "steps_max", "residual_mean", "residual_max")),
-    *train.TIMING_FIELDS,
+    "test_spectral_radius_mean", "test_spectral_radius_max", *train.TIMING_FIELDS,
 )
+# Every training aid at once: the chapter's recipe is the other parametrisation.
+TOOLKIT = dict(solver="broyden", gradient="phantom", phantom_steps=2, phantom_damping=0.8, jac_reg=0.5,
+               jac_reg_freq=0.5, weight_norm=True)
 
 
 class _CompileLog(logging.Handler):
@@ -48,11 +51,11 @@ def _history(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def mocked_run(mock_cifar10, tmp_path_factory):
+@pytest.fixture(scope="module", params=[{}, TOOLKIT], ids=["chapter", "toolkit"])
+def mocked_run(mock_cifar10, tmp_path_factory, request):
     """Two short epochs on mocked data; returns (workdir, config, summary, compiled jit names)."""
     workdir = tmp_path_factory.mktemp("mocked")
-    config = train.Config(epochs=2, eval_limit=25, **TINY)
+    config = train.Config(epochs=2, eval_limit=25, **TINY, **request.param)
     log, jax_logger = _CompileLog(), logging.getLogger("jax")
     jax_logger.addHandler(log)
     try:
@@ -64,19 +67,26 @@ def mocked_run(mock_cifar10, tmp_path_factory):
 
 
 def test_mocked_run_writes_metrics_summary_plots_and_compiles_once(mocked_run):
-    workdir, _, summary, compiled = mocked_run
-    assert compiled.count("jit(train_step)") == 1 and compiled.count("jit(eval_step)") == 1, compiled
+    workdir, config, summary, compiled = mocked_run
+    for name in ("train_step", "eval_step", "radius_step"):
+        assert compiled.count(f"jit({name})") == 1, compiled
     history = _history(workdir)
     assert [m["epoch"] for m in history] == [1, 2]
+    implicit = config.gradient == "implicit"
     for m in history:
-        assert set(PER_EPOCH_FIELDS) <= set(m)
+        assert set(PER_EPOCH_FIELDS) - {k for k in PER_EPOCH_FIELDS if k.startswith("bwd") and not implicit} <= set(m)
+        assert implicit == ("bwd_steps_mean" in m) and (config.jac_reg > 0) == ("jac_penalty" in m)
         assert m["test_exact_accuracy"] is None  # mocked ids are not test_NNNNN
-        assert all(np.isfinite(v) for k, v in m.items() if k != "test_exact_accuracy")
-        assert 1 <= m["fwd_steps_mean"] <= m["fwd_steps_max"] <= 4 and 1 <= m["bwd_steps_mean"] <= 4
+        assert all(np.isfinite(v) for k, v in m.items() if v is not None), m  # jac_penalty: None if never drawn
+        assert 1 <= m["fwd_steps_mean"] <= m["fwd_steps_max"] <= 4 and 1 <= m.get("bwd_steps_mean", 1) <= 4
         assert 0 < m["fwd_residual_mean"] <= m["fwd_residual_max"]
+        assert 0 < m["test_spectral_radius_mean"] <= m["test_spectral_radius_max"]
     assert 1e-6 < history[1]["lr"] < history[0]["lr"] < 1e-3
+    if config.jac_reg:
+        assert any(m["jac_penalty"] is not None for m in history), "jac_reg_freq 0.5 drew no step in 6"
     assert json.loads((workdir / "summary.json").read_text()) == summary
-    assert summary["param_count"] == train.CHAPTER_PARAM_COUNT == 64_842
+    # Weight norm adds one scale per output channel of each convolution: 64 + 48.
+    assert summary["param_count"] == train.CHAPTER_PARAM_COUNT + 112 * config.weight_norm
     assert summary["exact_test_accuracy"] is None and 0 <= summary["test_accuracy"] <= 1
     assert (summary["epochs"], summary["train_examples"], summary["test_examples"]) == (2, 30, 25)
     assert summary["wall_s"] > 0 and summary["images_per_s"] > 0 and "cpu" in summary["device"]
@@ -148,7 +158,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     runs = []
     for devices in (jax.devices()[:1], jax.devices()):
         model_def, state, tx, _ = train.init_state(config, total_steps=10)
-        steps = train.compile_steps(model_def, tx, state, config.batch_size, train.make_mesh(devices))
+        steps = train.compile_steps(model_def, tx, state, config, train.make_mesh(devices))
         state = jax.device_put(state, steps.replicated)
         losses = []
         for x, y in zip(images, labels):
@@ -201,6 +211,11 @@ def test_four_devices_match_one_device():
     (["--eval-limit", "-5"], "--eval-limit must be"),
     (["--seed", "-1"], "--seed must be an int >= 0"),
     (["--solver", "newton"], "invalid choice: 'newton'"),
+    (["--gradient", "unrolled"], "invalid choice: 'unrolled'"),
+    (["--phantom-steps", "0"], "--phantom-steps must be an int >= 1, got 0"),
+    (["--phantom-damping", "1.5"], "--phantom-damping must be a number in (0, 1], got 1.5"),
+    (["--jac-reg", "-1"], "--jac-reg must be a finite number >= 0"),
+    (["--jac-reg-freq", "0"], "--jac-reg-freq must be a number in (0, 1]"),
     (["--epochs", "two"], "invalid int value: 'two'"),
 ])
 def test_bad_flags_exit_before_anything_runs(flags, message, tmp_path, capsys):

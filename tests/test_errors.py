@@ -21,6 +21,13 @@ Z0 = jnp.zeros((2, 3))
         (lambda: dj.Anderson(lam=-1.0), "lam must be a number >= 0, got -1.0"),
         (lambda: dj.ForwardIteration(max_iter=-3), "max_iter must be an int >= 1, got -3"),
         (lambda: dj.ForwardIteration(tol=None), "tol must be a positive number, got None"),
+        (lambda: dj.Broyden(memory=0), "memory must be an int >= 1, got 0"),
+        (lambda: dj.Broyden(max_iter=0), "max_iter must be an int >= 1, got 0"),
+        (lambda: dj.Broyden(tol=0), "tol must be a positive number, got 0"),
+        (lambda: dj.Phantom(steps=0), "steps must be an int >= 1, got 0"),
+        (lambda: dj.Phantom(steps=True), "steps must be an int >= 1, got True"),
+        (lambda: dj.Phantom(damping=0.0), r"damping must be a number in \(0, 1\], got 0.0"),
+        (lambda: dj.Phantom(damping=1.5), r"damping must be a number in \(0, 1\], got 1.5"),
     ],
 )
 def test_bad_solver_options(make, message):
@@ -33,7 +40,7 @@ def test_unknown_option_is_an_error():
         dj.Anderson(tolerance=1e-3)
 
 
-@pytest.mark.parametrize("solver", [dj.Anderson(), dj.ForwardIteration()], ids=type)
+@pytest.mark.parametrize("solver", [dj.Anderson(), dj.Broyden(), dj.ForwardIteration()], ids=type)
 def test_shape_mismatch_between_z0_and_f(solver):
     with pytest.raises(ValueError, match=r"f\(z\) must have the structure, shape and dtype of z0.*\(2, 4\)"):
         solver(lambda z: jnp.concatenate([z, z[:, :1]], axis=1), Z0)
@@ -63,8 +70,10 @@ def test_fixed_point_checks_its_arguments():
     f = lambda z, a: z * a
     with pytest.raises(TypeError, match="solver must be one of"):
         dj.fixed_point(f, Z0, 0.5, solver="anderson")
-    with pytest.raises(TypeError, match="backward_solver must be one of"):
-        dj.fixed_point(f, Z0, 0.5, backward_solver=dj.Anderson)
+    with pytest.raises(TypeError, match="Implicit: solver must be one of"):
+        dj.fixed_point(f, Z0, 0.5, gradient=dj.Implicit(dj.Anderson))
+    with pytest.raises(TypeError, match="gradient must be one of"):
+        dj.fixed_point(f, Z0, 0.5, gradient="phantom")
     with pytest.raises(ValueError, match=r"backward_stats_probe must have shape \(5,\), got \(3,\)"):
         dj.fixed_point(f, Z0, 0.5, backward_stats_probe=jnp.zeros(3))
     with pytest.raises(ValueError, match="f\\(z\\) must have"):

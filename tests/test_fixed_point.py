@@ -8,7 +8,8 @@ from jax.test_util import check_grads
 
 import deq_jax as dj
 
-TIGHT = [dj.Anderson(lam=1e-10, tol=1e-12, max_iter=300), dj.ForwardIteration(tol=1e-12, max_iter=300)]
+TIGHT = [dj.Anderson(lam=1e-10, tol=1e-12, max_iter=300), dj.Broyden(tol=1e-12, max_iter=300),
+         dj.ForwardIteration(tol=1e-12, max_iter=300)]
 
 
 def small_cell(seed=0, scale=3.0, dtype=jnp.float64):
@@ -46,7 +47,7 @@ def test_matches_backprop_through_long_unrolled_iteration(x64, solver, backward_
     f, params, x = cell_problem()
     w = jax.random.normal(jax.random.key(1), x.shape, jnp.float64)
     implicit = lambda p, x: jnp.sum(
-        w * dj.fixed_point(f, jnp.zeros_like(x), (p, x), solver=solver, backward_solver=backward_solver).value
+        w * dj.fixed_point(f, jnp.zeros_like(x), (p, x), solver=solver, gradient=dj.Implicit(backward_solver)).value
     )
     explicit = lambda p, x: jnp.sum(w * unrolled(f, jnp.zeros_like(x), (p, x), 300))
     got, want = jax.grad(implicit, argnums=(0, 1))(params, x), jax.grad(explicit, argnums=(0, 1))(params, x)

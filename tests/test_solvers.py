@@ -9,7 +9,8 @@ import deq_jax as dj
 
 # The ridge term is absolute (as in the chapter): at tol 1e-10 it must be far smaller than
 # the Gram matrix of residuals near the solution, or it slows Anderson down.
-SOLVERS = [dj.Anderson(lam=1e-12, tol=1e-10, max_iter=100), dj.ForwardIteration(tol=1e-10, max_iter=300)]
+SOLVERS = [dj.Anderson(lam=1e-12, tol=1e-10, max_iter=100), dj.Broyden(tol=1e-10, max_iter=100),
+           dj.ForwardIteration(tol=1e-10, max_iter=300)]
 
 
 def affine_problem(batch=4, dim=6, seed=0):

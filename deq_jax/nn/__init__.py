@@ -5,3 +5,4 @@ from .deq import BackwardStatsProbe as BackwardStatsProbe
 from .deq import ForwardStats as ForwardStats
 from .group_norm import GroupNorm as GroupNorm
 from .group_norm import group_norm as group_norm
+from .weight_norm import WeightNorm as WeightNorm

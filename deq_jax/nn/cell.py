@@ -9,6 +9,7 @@ from flax import nnx
 from jax import lax
 
 from .group_norm import GroupNorm
+from .weight_norm import WeightNorm
 
 TORCH_GROUPNORM_EPS = 1e-5  # PyTorch's default, so numbers match the chapter's code
 
@@ -122,6 +123,10 @@ class ResNetCell(nnx.Module):
       conv_general_dilated: the convolution both convs call (``nnx.Conv``'s argument);
         the default, :func:`loop_friendly_conv`, keeps the backward solve's VJPs fast
         but has no forward-mode derivative; ``jax.lax.conv_general_dilated`` has one.
+      weight_norm: weight-normalise both convolutions, as torchdeq does by default:
+        each becomes a :class:`deq_jax.nn.WeightNorm` (kernel ``w = g * v / ||v||`` per
+        output channel; parameters ``convN.layer.kernel`` = ``v``, ``convN.scale`` =
+        ``g``), with ``g = ||v||`` at initialisation, so the cell's function is unchanged.
       rngs: ``nnx.Rngs`` for the convolution weights.
 
     Example:
@@ -142,6 +147,7 @@ class ResNetCell(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         conv_general_dilated=loop_friendly_conv,
+        weight_norm: bool = False,
         rngs: nnx.Rngs,
     ):
         for channels in (n_channels, n_inner_channels):
@@ -150,11 +156,12 @@ class ResNetCell(nnx.Module):
         pad = kernel_size // 2
 
         def conv(cin, cout):
-            return nnx.Conv(
+            layer = nnx.Conv(
                 cin, cout, (kernel_size, kernel_size), padding=[(pad, pad), (pad, pad)], use_bias=False,
                 kernel_init=nnx.initializers.normal(0.01), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                 conv_general_dilated=conv_general_dilated,
             )
+            return WeightNorm(layer) if weight_norm else layer
 
         def norm(channels):
             return GroupNorm(channels, num_groups, TORCH_GROUPNORM_EPS, dtype=dtype, param_dtype=param_dtype)

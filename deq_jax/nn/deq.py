@@ -6,6 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .._fixed_point import fixed_point
+from .._gradients import Implicit
+from .._jacobian import jacobian_penalty, spectral_radius
 from .._solution import NUM_STATS
 from .._solvers import Anderson
 
@@ -27,13 +29,16 @@ class DEQ(nnx.Module):
 
     The cell's whole state is split off and passed to :func:`deq_jax.fixed_point` as an
     explicit argument (with the injection ``x``), so every parameter receives its
-    implicit gradient and nothing traced is closed over.
+    gradient and nothing traced is closed over. The training aids
+    :meth:`jacobian_penalty` and :meth:`spectral_radius` apply to the same cell
+    without rebuilding ``f``.
 
     Args:
       cell: an NNX module called as ``cell(z, x)``, returning an array shaped like ``z``.
       solver: forward solver (the chapter's settings by default: Anderson, m=5,
         tol=1e-2, max_iter=25).
-      backward_solver: solver of the backward linear system; ``solver`` if None.
+      gradient: :class:`deq_jax.Implicit` (default; its ``solver`` solves the backward
+        system, the forward one if None) or :class:`deq_jax.Phantom`.
 
     Attributes:
       forward_stats: :class:`ForwardStats`, updated on every call.
@@ -49,10 +54,10 @@ class DEQ(nnx.Module):
       ((2, 6, 6, 8), Array(True, dtype=bool))
     """
 
-    def __init__(self, cell: nnx.Module, *, solver=Anderson(tol=1e-2, max_iter=25, m=5), backward_solver=None):
+    def __init__(self, cell: nnx.Module, *, solver=Anderson(tol=1e-2, max_iter=25, m=5), gradient=Implicit()):
         self.cell = cell
         self.solver = solver
-        self.backward_solver = backward_solver
+        self.gradient = gradient
         self.forward_stats = ForwardStats(jnp.zeros(NUM_STATS, jnp.float32))
         self.backward_stats = BackwardStatsProbe(jnp.zeros(NUM_STATS, jnp.float32))
 
@@ -67,15 +72,72 @@ class DEQ(nnx.Module):
           The fixed point estimate, shaped like ``x`` (or ``z0``).
         """
         z0 = jnp.zeros_like(x) if z0 is None else z0
+        f, cell_state = self._explicit_cell()
+        solution = fixed_point(
+            f, z0, (cell_state, x), solver=self.solver, gradient=self.gradient,
+            backward_stats_probe=self.backward_stats[...],
+        )
+        self.forward_stats[...] = solution.stats().to_array()
+        return solution.value
+
+    def jacobian_penalty(self, x: jax.Array, z: jax.Array, key: jax.Array, num_vectors: int = 1) -> jax.Array:
+        """:func:`deq_jax.jacobian_penalty` of ``cell(., x)`` at ``z``: ``||J||_F^2 / D`` per example.
+
+        Differentiable w.r.t. the cell's parameters and ``x`` (and ``z``). For Bai et
+        al.'s Jacobian regularisation, evaluate it at the fixed point without a gradient
+        through the solve, ``jax.lax.stop_gradient(z)``, and add ``weight * mean`` to the loss.
+
+        Args:
+          x: the injection the fixed point was solved for.
+          z: the point, usually the fixed point ``self(x)``.
+          key: a JAX PRNG key for the random vectors.
+          num_vectors: Hutchinson vectors (VJPs) per example.
+
+        Returns:
+          float [B].
+
+        Example:
+          >>> import jax, jax.numpy as jnp, deq_jax as dj
+          >>> from flax import nnx
+          >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
+          >>> x = jnp.ones((2, 6, 6, 8))
+          >>> def loss(deq):
+          ...     z = deq(x)
+          ...     return jnp.mean(z ** 2) + 0.1 * deq.jacobian_penalty(x, jax.lax.stop_gradient(z), jax.random.key(0)).mean()
+          >>> grads = nnx.grad(loss)(deq)
+        """
+        f, cell_state = self._explicit_cell()
+        return jacobian_penalty(f, z, (cell_state, x), key, num_vectors)
+
+    def spectral_radius(self, x: jax.Array, z: jax.Array, key: jax.Array, num_iters: int = 100) -> jax.Array:
+        """:func:`deq_jax.spectral_radius` of ``cell(., x)``'s Jacobian at ``z``, per example.
+
+        Args:
+          x: the injection.
+          z: the point, usually the fixed point ``self(x)``.
+          key: a JAX PRNG key for the starting vector.
+          num_iters: power iterations (VJPs).
+
+        Returns:
+          float [B], not differentiated.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, deq_jax as dj
+          >>> from flax import nnx
+          >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
+          >>> x = jnp.ones((2, 6, 6, 8))
+          >>> deq.spectral_radius(x, deq(x), jax.random.key(0), num_iters=20).shape
+          (2,)
+        """
+        f, cell_state = self._explicit_cell()
+        return spectral_radius(f, z, (cell_state, x), key, num_iters)
+
+    def _explicit_cell(self):
+        """``(f, cell_state)`` with ``f(z, (cell_state, x)) == self.cell(z, x)``: the cell as a pure function."""
         graphdef, cell_state = nnx.split(self.cell)
 
         def f(z, args):
             state, injection = args
             return nnx.merge(graphdef, state)(z, injection)
 
-        solution = fixed_point(
-            f, z0, (cell_state, x), solver=self.solver, backward_solver=self.backward_solver,
-            backward_stats_probe=self.backward_stats[...],
-        )
-        self.forward_stats[...] = solution.stats().to_array()
-        return solution.value
+        return f, cell_state

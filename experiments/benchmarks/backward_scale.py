@@ -35,7 +35,7 @@ TOL, MAX_ITER = 1e-2, 25
 def backward_problem(batch_size: int):
     """``(vjp_z, y, z_star)`` of the CIFAR-10 model's DEQ at initialisation on real images."""
     solver = dj.Anderson(m=5, tol=TOL, max_iter=MAX_ITER)
-    model = CifarDEQ(solver=solver, backward_solver=None, rngs=nnx.Rngs(0))
+    model = CifarDEQ(solver=solver, gradient=dj.Implicit(), rngs=nnx.Rngs(0))
     (images, labels), = common.cifar_batches(batch_size, 1)[0]
     x = model.inject(jnp.asarray(normalize(images)), train=True)
     cell_def, cell_state = nnx.split(model.deq.cell)

@@ -287,7 +287,7 @@ def cifar_train_step(batch_size: int, seed: int = 0):
       ``(model_def, state, step)``: ``step(state, images, labels) -> (state, metrics)``,
       compiled ahead of time with the experiment's default ``Config`` (the chapter's settings).
     """
-    model_def, state, _ = _fresh_train_state(batch_size, seed)
+    model_def, state, _, _ = _fresh_train_state(batch_size, seed)
     return model_def, state, _compiled_train_step(batch_size, seed)
 
 
@@ -296,15 +296,15 @@ def _fresh_train_state(batch_size: int, seed: int):
 
     config = train.Config(batch_size=batch_size, seed=seed)
     model_def, state, tx, _ = train.init_state(config, total_steps=1000)
-    return model_def, state, tx
+    return model_def, state, tx, config
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_train_step(batch_size: int, seed: int):
     from experiments.cifar10 import train
 
-    model_def, state, tx = _fresh_train_state(batch_size, seed)
-    step = jax.jit(functools.partial(train.train_step, model_def=model_def, tx=tx), donate_argnums=0)
+    model_def, state, tx, config = _fresh_train_state(batch_size, seed)
+    step = jax.jit(functools.partial(train.train_step, model_def=model_def, tx=tx, config=config), donate_argnums=0)
     images = jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.uint8)
     labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     return step.lower(state, images, labels).compile()

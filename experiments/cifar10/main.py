@@ -42,6 +42,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.Config, str]:
     add("--f-max-iter", type=int, default=DEFAULTS.f_max_iter, help="most forward f evaluations (%(default)s)")
     add("--b-tol", type=float, default=DEFAULTS.b_tol, help="backward relative residual tolerance (%(default)s)")
     add("--b-max-iter", type=int, default=DEFAULTS.b_max_iter, help="most backward solver steps (%(default)s)")
+    add("--gradient", choices=train.GRADIENTS, default=DEFAULTS.gradient,
+        help="implicit (exact) or phantom (backprop through a few damped steps from z*) (%(default)s)")
+    add("--phantom-steps", type=int, default=DEFAULTS.phantom_steps, metavar="K",
+        help="phantom gradient: unrolled steps (%(default)s)")
+    add("--phantom-damping", type=float, default=DEFAULTS.phantom_damping, metavar="T",
+        help="phantom gradient: damping in (0, 1] (%(default)s)")
+    add("--jac-reg", type=float, default=DEFAULTS.jac_reg, metavar="WEIGHT",
+        help="weight of the Jacobian penalty ||J_f(z*)||_F^2 / D in the loss; 0 is off (%(default)s)")
+    add("--jac-reg-freq", type=float, default=DEFAULTS.jac_reg_freq, metavar="P",
+        help="fraction of training steps that add the Jacobian penalty (%(default)s)")
+    add("--weight-norm", action="store_true", help="weight-normalise the DEQ cell's convolutions")
     args = vars(parser.parse_args(argv))
     workdir = args.pop("workdir")
     try:

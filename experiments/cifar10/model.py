@@ -45,19 +45,21 @@ class CifarDEQ(nnx.Module):
 
     Args:
       solver: the DEQ's forward solver.
-      backward_solver: the solver of its backward linear system.
+      gradient: its gradient strategy, ``dj.Implicit(backward_solver)`` or ``dj.Phantom(...)``.
       rngs: ``nnx.Rngs`` for the initial weights.
+      weight_norm: weight-normalise the cell's convolutions.
       channels: channels of the equilibrium state.
       inner_channels: channels inside the cell.
       num_classes: outputs of the classifier.
 
     Example:
-      >>> model = CifarDEQ(solver=dj.Anderson(max_iter=4), backward_solver=None, rngs=nnx.Rngs(0))
+      >>> model = CifarDEQ(solver=dj.Anderson(max_iter=4), gradient=dj.Implicit(), rngs=nnx.Rngs(0))
       >>> model(jnp.zeros((2, 32, 32, 3)), train=False).shape
       (2, 10)
     """
 
-    def __init__(self, *, solver, backward_solver, rngs: nnx.Rngs, channels=48, inner_channels=64, num_classes=10):
+    def __init__(self, *, solver, gradient, rngs: nnx.Rngs, weight_norm=False, channels=48, inner_channels=64,
+                 num_classes=10):
         kernel_init, bias_init = torch_default_init(3 * 3 * 3)
         self.stem = nnx.Conv(
             3, channels, (3, 3), padding=[(1, 1), (1, 1)], use_bias=True,
@@ -65,8 +67,8 @@ class CifarDEQ(nnx.Module):
         )
         self.norm_in = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
         self.deq = dj.nn.DEQ(
-            dj.nn.ResNetCell(channels, inner_channels, kernel_size=3, rngs=rngs),
-            solver=solver, backward_solver=backward_solver,
+            dj.nn.ResNetCell(channels, inner_channels, kernel_size=3, weight_norm=weight_norm, rngs=rngs),
+            solver=solver, gradient=gradient,
         )
         self.norm_out = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
         kernel_init, bias_init = torch_default_init(channels * 4 * 4)

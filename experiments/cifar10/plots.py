@@ -11,7 +11,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_history(history: list[dict], workdir: str | Path, *, f_tol: float, b_tol: float) -> None:
-    """Writes ``curves.png`` (loss, accuracy) and ``solver.png`` (solver steps, residuals).
+    """Writes ``curves.png`` (loss, accuracy) and ``solver.png`` (solver steps, residuals, spectral
+    radius and Jacobian penalty).
 
     Args:
       history: one dict per epoch, as in ``metrics.jsonl``.
@@ -39,17 +40,28 @@ def plot_history(history: list[dict], workdir: str | Path, *, f_tol: float, b_to
     fig.savefig(workdir / "curves.png", dpi=100)
     plt.close(fig)
 
-    fig, (steps_ax, res_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for prefix, name, tol, color in (("fwd", "forward", f_tol, "C0"), ("bwd", "backward", b_tol, "C1")):
+    fig, (steps_ax, res_ax, stability_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    solves = [("fwd", "forward", f_tol, "C0"), ("bwd", "backward", b_tol, "C1")]
+    for prefix, name, tol, color in solves:
+        if f"{prefix}_steps_mean" not in history[0]:  # no backward solve with phantom gradients
+            continue
         for ax, quantity in ((steps_ax, "steps"), (res_ax, "residual")):
             ax.plot(epochs, [m[f"{prefix}_{quantity}_mean"] for m in history], marker=marker, color=color,
                     label=f"{name} mean")
             ax.plot(epochs, [m[f"{prefix}_{quantity}_max"] for m in history], linestyle=":", color=color,
                     label=f"{name} max")
         res_ax.axhline(tol, color=color, linestyle="--", linewidth=0.8, label=f"{name} tol")
+    stability_ax.plot(epochs, [m["test_spectral_radius_mean"] for m in history], marker=marker, color="C2",
+                      label="spectral radius of J_f(z*), test mean")
+    stability_ax.plot(epochs, [m["test_spectral_radius_max"] for m in history], linestyle=":", color="C2",
+                      label="spectral radius, test max")
+    if "jac_penalty" in history[0]:
+        stability_ax.plot(epochs, [m["jac_penalty"] for m in history], marker=marker, color="C3",
+                          label="Jacobian penalty ||J||_F^2/D (train)")
     steps_ax.set(xlabel="epoch", ylabel="steps per solve", title="solver steps (train)")
     res_ax.set(xlabel="epoch", ylabel="relative residual", yscale="log", title="final residuals (train)")
-    for ax in (steps_ax, res_ax):
+    stability_ax.set(xlabel="epoch", ylabel="value", title="stability of the fixed point")
+    for ax in (steps_ax, res_ax, stability_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)

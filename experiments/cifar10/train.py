@@ -40,7 +40,10 @@ CHAPTER_PARAM_COUNT = 64_842  # `sum(a.numel() for a in model.parameters())` in 
 ANDERSON_M = 5
 END_LR = 1e-6  # the chapter's CosineAnnealingLR(eta_min=1e-6)
 PROGRESS_EVERY = 10  # steps between progress-bar updates, the training loop's only host syncs
-SOLVERS = ("anderson", "forward")
+SOLVERS = ("anderson", "forward", "broyden")
+GRADIENTS = ("implicit", "phantom")
+RADIUS_BATCHES = 1  # test batches whose fixed points get a spectral radius each epoch
+RADIUS_ITERS = 50  # power iterations (VJPs) per spectral radius
 TIMING_FIELDS = ("epoch_s", "train_s", "eval_s", "images_per_s")
 # Fields that may change between a run and its resumption without changing the result.
 RESUMABLE_FIELDS = ("data_dir", "resume")
@@ -60,9 +63,15 @@ class Config:
       eval_limit: evaluate on the first N test examples only (None: all 10,000).
       augment: random crop (4 px zero padding) and horizontal flip of training images.
       resume: continue the run checkpointed in the workdir.
-      solver: 'anderson' (m=5) or 'forward' iteration, for both the forward and backward solves.
+      solver: 'anderson' (m=5), 'broyden' or 'forward' iteration, for both the forward and
+        backward solves.
       f_tol, f_max_iter: forward solver tolerance and most f evaluations.
-      b_tol, b_max_iter: backward solver tolerance and most steps.
+      b_tol, b_max_iter: backward solver tolerance and most steps (implicit gradient only).
+      gradient: 'implicit' (exact) or 'phantom' (``dj.Phantom(phantom_steps, phantom_damping)``).
+      phantom_steps, phantom_damping: the phantom gradient's unrolled steps and damping.
+      jac_reg: weight of the Jacobian penalty ``||J_f(z*)||_F^2 / D`` in the loss; 0 is off.
+      jac_reg_freq: the fraction of training steps that add it, drawn in the compiled step.
+      weight_norm: weight-normalise the cell's convolutions.
     """
 
     data_dir: str | None = None
@@ -79,6 +88,12 @@ class Config:
     f_max_iter: int = 25
     b_tol: float = 1e-2
     b_max_iter: int = 25
+    gradient: str = "implicit"
+    phantom_steps: int = 1
+    phantom_damping: float = 1.0
+    jac_reg: float = 0.0
+    jac_reg_freq: float = 1.0
+    weight_norm: bool = False
 
     def __post_init__(self):
         def check(name, ok, expected):
@@ -91,7 +106,7 @@ class Config:
         def is_number(value):
             return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
 
-        for name in ("epochs", "batch_size", "f_max_iter", "b_max_iter"):
+        for name in ("epochs", "batch_size", "f_max_iter", "b_max_iter", "phantom_steps"):
             check(name, lambda v: is_int(v) and v >= 1, "an int >= 1")
         for name in ("train_limit", "eval_limit"):
             check(name, lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 (or unset: the whole split)")
@@ -99,13 +114,23 @@ class Config:
             check(name, lambda v: is_number(v) and v > 0, "a finite number > 0")
         check("seed", lambda v: is_int(v) and v >= 0, "an int >= 0")
         check("solver", lambda v: v in SOLVERS, f"one of {SOLVERS}")
+        check("gradient", lambda v: v in GRADIENTS, f"one of {GRADIENTS}")
+        check("phantom_damping", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        check("jac_reg", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
+        check("jac_reg_freq", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
 
-    def solvers(self):
-        """Returns the ``(forward, backward)`` solvers these settings describe."""
-        if self.solver == "anderson":
-            return (dj.Anderson(m=ANDERSON_M, tol=self.f_tol, max_iter=self.f_max_iter),
-                    dj.Anderson(m=ANDERSON_M, tol=self.b_tol, max_iter=self.b_max_iter))
-        return dj.ForwardIteration(self.f_tol, self.f_max_iter), dj.ForwardIteration(self.b_tol, self.b_max_iter)
+    def solver_and_gradient(self):
+        """Returns the DEQ's forward solver and gradient strategy these settings describe."""
+        make = {
+            "anderson": lambda tol, max_iter: dj.Anderson(m=ANDERSON_M, tol=tol, max_iter=max_iter),
+            "broyden": dj.Broyden,
+            "forward": dj.ForwardIteration,
+        }[self.solver]
+        if self.gradient == "phantom":
+            gradient = dj.Phantom(self.phantom_steps, self.phantom_damping)
+        else:
+            gradient = dj.Implicit(make(self.b_tol, self.b_max_iter))
+        return make(self.f_tol, self.f_max_iter), gradient
 
 
 class ModelDef(NamedTuple):
@@ -151,16 +176,17 @@ def init_state(config: Config, total_steps: int):
       total_steps: optimizer steps of the whole run (for the schedule).
 
     Returns:
-      ``(model_def, state, tx, schedule)``; state is ``{"params", "opt_state", "batch_stats"}``
-      on the default device.
+      ``(model_def, state, tx, schedule)``; state is ``{"params", "opt_state", "batch_stats",
+      "step"}`` (optimizer steps taken) on the default device.
     """
-    forward, backward = config.solvers()
-    model = CifarDEQ(solver=forward, backward_solver=backward, rngs=nnx.Rngs(config.seed))
+    solver, gradient = config.solver_and_gradient()
+    model = CifarDEQ(solver=solver, gradient=gradient, weight_norm=config.weight_norm, rngs=nnx.Rngs(config.seed))
     graphdef, params, batch_stats, probe, scratch = nnx.split(
         model, nnx.Param, nnx.BatchStat, dj.nn.BackwardStatsProbe, ...
     )
     tx, schedule = make_optimizer(config, total_steps)
-    state = {"params": params, "opt_state": tx.init(params), "batch_stats": batch_stats}
+    state = {"params": params, "opt_state": tx.init(params), "batch_stats": batch_stats,
+             "step": jnp.zeros((), jnp.int32)}
     return ModelDef(graphdef, probe, scratch), state, tx, schedule
 
 
@@ -173,37 +199,61 @@ def _solve_metrics(prefix: str, stats: dj.SolveStats) -> dict[str, jax.Array]:
     }
 
 
-def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: ModelDef, tx) -> tuple[dict, dict]:
-    """One optimizer step: forward solve, mean cross-entropy, implicit backward, Adam.
+def _jacobian_penalty(model: CifarDEQ, x, z, step, config: Config) -> tuple[jax.Array, jax.Array]:
+    """Bai et al.'s Jacobian penalty at the fixed point, on a ``jac_reg_freq`` fraction of steps.
+
+    Whether a step adds it is drawn inside the compiled step (as the DEQ repo draws it
+    on the host), from a key that depends only on the seed and the step number, so a
+    resumed run draws the same. A ``lax.cond`` skips the VJP on the other steps.
+
+    Returns:
+      ``(penalty, applied)``: the batch-mean penalty (0 when skipped) and 1.0 or 0.0.
+    """
+    key_draw, key_vectors = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step))
+    applied = jax.random.bernoulli(key_draw, config.jac_reg_freq)
+    penalty = jax.lax.cond(
+        applied, lambda: model.deq.jacobian_penalty(x, jax.lax.stop_gradient(z), key_vectors).mean(),
+        lambda: jnp.zeros((), z.dtype),
+    )
+    return penalty, applied.astype(jnp.float32)
+
+
+def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: ModelDef, tx,
+               config: Config) -> tuple[dict, dict]:
+    """One optimizer step: forward solve, mean cross-entropy (+ Jacobian penalty), backward, Adam.
 
     Args:
-      state: ``{"params", "opt_state", "batch_stats"}``.
+      state: ``{"params", "opt_state", "batch_stats", "step"}``.
       images: uint8 [B, 32, 32, 3].
       labels: int32 [B].
       model_def: from :func:`init_state`.
       tx: the optimizer.
+      config: the gradient strategy and Jacobian regularisation settings (and the seed).
 
     Returns:
       ``(new_state, metrics)``; metrics holds this batch's summed loss, correct count,
-      example count and the forward/backward solver stats (see :func:`summarize`).
+      example count, the forward (and, for implicit gradients, backward) solver stats
+      and, with ``jac_reg > 0``, the Jacobian penalty (see :func:`summarize`).
     """
 
     def loss_fn(params, probe, batch_stats):
         model = model_def.merge(params, batch_stats, probe)
-        logits = model(ip.normalize(images), train=True)
+        x = model.inject(ip.normalize(images), train=True)
+        z = model.deq(x)
+        logits = model.classify(z, train=True)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        penalty, applied = (0.0, 0.0) if config.jac_reg == 0 else _jacobian_penalty(model, x, z, state["step"], config)
         forward = dj.SolveStats.from_array(model.deq.forward_stats[...])
-        return loss, (logits, nnx.state(model, nnx.BatchStat), forward)
+        aux = (loss, logits, nnx.state(model, nnx.BatchStat), forward, penalty, applied)
+        return loss + config.jac_reg * penalty, aux
 
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-    (loss, (logits, batch_stats, forward)), (grads, probe_grads) = grad_fn(
+    grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (grads, probe_grads), (loss, logits, batch_stats, forward, penalty, applied) = grad_fn(
         state["params"], model_def.probe, state["batch_stats"]
     )
-    # The probe's gradient is the backward solve's stats, not a direction for optax.
-    backward = dj.SolveStats.from_array(jax.tree.leaves(probe_grads)[0])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                 "batch_stats": batch_stats}
+                 "batch_stats": batch_stats, "step": state["step"] + 1}
     count = jnp.asarray(labels.shape[0], jnp.float32)
     metrics = {
         "loss": loss * count,
@@ -211,8 +261,12 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
         "count": count,
         "batches": jnp.ones((), jnp.float32),
         **_solve_metrics("fwd", forward),
-        **_solve_metrics("bwd", backward),
     }
+    if config.gradient == "implicit":
+        # The probe's gradient is the backward solve's stats, not a direction for optax.
+        metrics.update(_solve_metrics("bwd", dj.SolveStats.from_array(jax.tree.leaves(probe_grads)[0])))
+    if config.jac_reg > 0:
+        metrics.update(jac_penalty=penalty * applied, jac_steps=applied)
     return new_state, metrics
 
 
@@ -239,6 +293,24 @@ def eval_step(state: dict, images, labels, mask, exact, *, model_def: ModelDef) 
     }
 
 
+def radius_step(state: dict, images, mask, *, model_def: ModelDef) -> dict:
+    """Spectral radius of the cell's Jacobian at each test example's fixed point (a fixed key).
+
+    Args:
+      state: as in :func:`train_step`.
+      images: uint8 [B, 32, 32, 3].
+      mask: bool [B], False for padding.
+
+    Returns:
+      ``radius_sum``, ``radius_max`` and ``radius_count`` over the real examples.
+    """
+    model = model_def.merge(state["params"], state["batch_stats"])
+    x = model.inject(ip.normalize(images), train=False)
+    radius = model.deq.spectral_radius(x, model.deq(x), jax.random.key(0), RADIUS_ITERS)
+    return {"radius_sum": jnp.sum(radius * mask), "radius_max": jnp.max(jnp.where(mask, radius, 0)),
+            "radius_count": jnp.sum(mask, dtype=jnp.float32)}
+
+
 @jax.jit
 def accumulate(total: dict, new: dict) -> dict:
     """Adds a batch's metrics to the running totals on device ('_max' keys take the maximum)."""
@@ -260,6 +332,8 @@ def summarize(total: dict, prefix: str) -> dict[str, float]:
         out[f"{prefix}exact_accuracy"] = (
             total["exact_correct"] / total["exact_count"] if total["exact_count"] else None
         )
+    if "jac_steps" in total:  # the mean over the steps that added the penalty
+        out["jac_penalty"] = total["jac_penalty"] / total["jac_steps"] if total["jac_steps"] else None
     for key, value in sorted(total.items(), key=lambda item: item[0].startswith("bwd_")):  # fwd first
         if key.startswith(("fwd_", "bwd_")):
             out[key] = value if key.endswith("_max") else value / total["batches"]
@@ -271,6 +345,7 @@ class Steps(NamedTuple):
 
     train: Any  # (state, images, labels) -> (state, metrics)
     eval: Any  # (state, images, labels, mask, exact) -> metrics
+    radius: Any  # (state, images, mask) -> spectral radius sums
     replicated: NamedSharding
     data: NamedSharding
 
@@ -289,8 +364,8 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def compile_steps(model_def: ModelDef, tx, state: dict, batch_size: int, mesh: Mesh) -> Steps:
-    """Compiles both steps ahead of time, once.
+def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Mesh) -> Steps:
+    """Compiles the train, eval and spectral radius steps ahead of time, once.
 
     A compiled step refuses inputs of another shape, dtype or sharding instead of
     silently recompiling, so a whole run provably uses one executable of each.
@@ -299,12 +374,13 @@ def compile_steps(model_def: ModelDef, tx, state: dict, batch_size: int, mesh: M
       model_def: from :func:`init_state`.
       tx: the optimizer.
       state: an example (or abstract) train state, for shapes.
-      batch_size: the global batch size; must divide over ``mesh``.
+      config: the run's settings; ``batch_size`` must divide over ``mesh``.
       mesh: from :func:`make_mesh`.
 
     Returns:
       :class:`Steps`.
     """
+    batch_size = config.batch_size
     check_batch_size(batch_size, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     data = NamedSharding(mesh, PartitionSpec("data"))
@@ -314,16 +390,21 @@ def compile_steps(model_def: ModelDef, tx, state: dict, batch_size: int, mesh: M
 
     images, labels, flags = batch_spec(jnp.uint8, 32, 32, 3), batch_spec(jnp.int32), batch_spec(jnp.bool_)
     train_jit = jax.jit(
-        functools.partial(train_step, model_def=model_def, tx=tx),
+        functools.partial(train_step, model_def=model_def, tx=tx, config=config),
         in_shardings=(replicated, data, data), out_shardings=replicated, donate_argnums=0,
     )
     eval_jit = jax.jit(
         functools.partial(eval_step, model_def=model_def),
         in_shardings=(replicated, data, data, data, data), out_shardings=replicated,
     )
+    radius_jit = jax.jit(
+        functools.partial(radius_step, model_def=model_def),
+        in_shardings=(replicated, data, data), out_shardings=replicated,
+    )
     return Steps(
         train=train_jit.lower(state, images, labels).compile(),
         eval=eval_jit.lower(state, images, labels, flags, flags).compile(),
+        radius=radius_jit.lower(state, images, flags).compile(),
         replicated=replicated, data=data,
     )
 
@@ -339,17 +420,26 @@ def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray, batc
       batch_size: the compiled batch size.
 
     Returns:
-      ``test_loss``, ``test_accuracy``, ``test_exact_accuracy``.
+      ``test_loss``, ``test_accuracy``, ``test_exact_accuracy``, and the mean and largest
+      spectral radius of the cell's Jacobian at the fixed points of the first
+      ``RADIUS_BATCHES`` batches, ``test_spectral_radius_mean`` / ``_max``.
     """
-    total, start = None, 0
-    for images, labels in ip.epoch_batches(split, batch_size, rng=None, drop_remainder=False):
+    total, radius, start = None, None, 0
+    for i, (images, labels) in enumerate(ip.epoch_batches(split, batch_size, rng=None, drop_remainder=False)):
         is_exact = np.zeros(batch_size, bool)
         is_exact[: len(labels)] = exact[start : start + len(labels)]
         start += len(labels)
-        batch = jax.device_put((*ip.pad_batch(images, labels, batch_size), is_exact), steps.data)
-        metrics = steps.eval(state, *batch)
+        images, labels, mask, is_exact = jax.device_put((*ip.pad_batch(images, labels, batch_size), is_exact),
+                                                        steps.data)
+        metrics = steps.eval(state, images, labels, mask, is_exact)
         total = metrics if total is None else accumulate(total, metrics)
-    return summarize(jax.device_get(total), "test_")
+        if i < RADIUS_BATCHES:
+            metrics = steps.radius(state, images, mask)
+            radius = metrics if radius is None else accumulate(radius, metrics)
+    radius = jax.device_get(radius)
+    return {**summarize(jax.device_get(total), "test_"),
+            "test_spectral_radius_mean": float(radius["radius_sum"] / radius["radius_count"]),
+            "test_spectral_radius_max": float(radius["radius_max"])}
 
 
 def train_epoch(steps: Steps, state: dict, split: ip.Split, config: Config, epoch: int) -> tuple[dict, dict]:
@@ -383,8 +473,9 @@ def train_epoch(steps: Steps, state: dict, split: ip.Split, config: Config, epoc
             # dispatched steps) at most PROGRESS_EVERY steps ahead of the device.
             if i % PROGRESS_EVERY == 0 or i == num_steps:
                 m = summarize(jax.device_get(total), "train_")
+                bwd = {"bwd": f"{m['bwd_steps_mean']:.1f}"} if "bwd_steps_mean" in m else {}
                 bar.set_postfix(loss=f"{m['train_loss']:.3f}", acc=f"{m['train_accuracy']:.3f}",
-                                fwd=f"{m['fwd_steps_mean']:.1f}", bwd=f"{m['bwd_steps_mean']:.1f}")
+                                fwd=f"{m['fwd_steps_mean']:.1f}", **bwd)
     return state, summarize(jax.device_get(total), "train_")
 
 
@@ -433,12 +524,18 @@ def _restore(manager: ocp.CheckpointManager, state: dict, config: Config) -> tup
 
 
 def _print_epoch(m: dict) -> None:
+    def solve(prefix):
+        return (f"{prefix} steps {m[f'{prefix}_steps_mean']:.1f} res {m[f'{prefix}_residual_mean']:.4f} "
+                f"(max {m[f'{prefix}_residual_max']:.4f}) | ")
+
     exact = "n/a" if m["test_exact_accuracy"] is None else f"{m['test_exact_accuracy']:.4f}"
+    jac = "off" if "jac_penalty" not in m else "n/a" if m["jac_penalty"] is None else f"{m['jac_penalty']:.3f}"
     print(
         f"epoch {m['epoch']:3d} | train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.4f} | "
         f"test loss {m['test_loss']:.4f} acc {m['test_accuracy']:.4f} (exact {exact}) | "
-        f"fwd steps {m['fwd_steps_mean']:.1f} res {m['fwd_residual_mean']:.4f} (max {m['fwd_residual_max']:.4f}) | "
-        f"bwd steps {m['bwd_steps_mean']:.1f} res {m['bwd_residual_mean']:.4f} (max {m['bwd_residual_max']:.4f}) | "
+        + solve("fwd") + (solve("bwd") if "bwd_steps_mean" in m else "")
+        + f"jac {jac} | "
+        f"radius {m['test_spectral_radius_mean']:.3f} (max {m['test_spectral_radius_max']:.3f}) | "
         f"{m['images_per_s']:.0f} img/s | lr {m['lr']:.2e} | {m['epoch_s']:.1f} s",
         flush=True,
     )
@@ -488,7 +585,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
         print(f"resumed from the checkpoint of epoch {len(history)} in {manager.directory}")
     device = f"{mesh.size} x {mesh.devices.flat[0].device_kind}"
     start = time.perf_counter()
-    steps = compile_steps(model_def, tx, state, config.batch_size, mesh)
+    steps = compile_steps(model_def, tx, state, config, mesh)
     compile_s = time.perf_counter() - start
     print(f"compiled the train and eval steps for {device} in {compile_s:.1f} s; "
           f"{len(train_split)} train / {len(test_split)} test examples, {steps_per_epoch} steps per epoch")

@@ -1,0 +1,141 @@
+"""Broyden's method (limited-memory "good" Broyden), solved independently for every example."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .._solution import Solution
+from ._loop import check_int, check_positive, iterate, select_rows
+
+
+class BroydenHistory(NamedTuple):
+    """The last iterate, its residual, the next step and the rank-one updates of ``H``.
+
+    ``H = -I + sum_j u_j v_j^T`` approximates the inverse Jacobian of ``g(z) = f(z) - z``;
+    ``u`` and ``v`` are ring buffers of ``[B, memory, D]`` (zero where never written,
+    so an unwritten slot adds nothing to ``H``). ``step`` is ``-H g`` for the current
+    ``H`` and ``g``, computed while recording, so the next iterate costs one addition.
+    """
+
+    x: jax.Array
+    g: jax.Array
+    step: jax.Array
+    u: jax.Array
+    v: jax.Array
+
+
+def _rows_finite(*arrays: jax.Array) -> jax.Array:
+    """bool[B]: every entry of every ``[B, ...]`` array is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a), axis=1) for a in arrays]), axis=0)
+
+
+def broyden_update(history: BroydenHistory, slot, x, g, active: jax.Array, update: jax.Array) -> BroydenHistory:
+    """Records the iterate ``x`` with residual ``g = f(x) - x`` where ``active``, and updates ``H`` where ``update``.
+
+    With ``dx = x - x_prev`` and ``dg = g - g_prev``: ``v^T = dx^T H``,
+    ``u = (dx - H dg) / (v^T dg)``, written over ``slot``; the new step is ``-H g`` with
+    the new ``H``. Both products with the old ``H`` use every kept update, the one in
+    ``slot`` included (it is overwritten only afterwards), as torchdeq does. Examples
+    whose denominator is zero or whose ``u, v`` are not finite keep ``H`` unchanged.
+
+    Args:
+      history: the state before this iterate.
+      slot: the ring-buffer slot to overwrite (a traced int).
+      x, g: [B, D].
+      active: bool[B], examples that record this iterate.
+      update: bool[B], examples whose ``H`` takes the update (a subset of ``active``).
+
+    Returns:
+      The new history; rows outside ``active`` are unchanged.
+    """
+    dx, dg = x - history.x, g - history.g
+    # Every product with the old U and V at once: one pass over each buffer per einsum.
+    u_dots = jnp.einsum("bd,bmd->bm", dx, history.u)  # dx^T u_j
+    v_dots = jnp.einsum("bkd,bmd->bkm", jnp.stack([dg, g], axis=1), history.v)  # v_j^T dg, v_j^T g
+    vt = jnp.einsum("bm,bmd->bd", u_dots, history.v) - dx  # dx^T H
+    # H dg and -H g over the old U; the old slot's term is left out of -H g (it is replaced).
+    keep = jnp.arange(history.u.shape[1]) != slot
+    coeffs = jnp.stack([v_dots[:, 0], -v_dots[:, 1] * keep], axis=1)
+    h_dg, step_old = jnp.einsum("bkm,bmd->kbd", coeffs, history.u)
+    h_dg = h_dg - dg
+    denominator = jnp.sum(vt * dg, axis=1, keepdims=True)
+    u = (dx - h_dg) / denominator
+    ok = update & (denominator[:, 0] != 0) & _rows_finite(u, vt)
+    u = jnp.where(ok[:, None], u, history.u[:, slot])
+    vt = jnp.where(ok[:, None], vt, history.v[:, slot])
+    # -H_new g = g - sum_{j != slot} (v_j^T g) u_j - (v_new^T g) u_new.
+    step = g + step_old - jnp.sum(vt * g, axis=1, keepdims=True) * u
+    return BroydenHistory(
+        x=select_rows(active, x, lambda: history.x),
+        g=select_rows(active, g, lambda: history.g),
+        step=select_rows(active, step, lambda: history.step),
+        u=history.u.at[:, slot].set(u),
+        v=history.v.at[:, slot].set(vt),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Broyden:
+    """Broyden's method on ``g(z) = f(z) - z``, per example (the DEQ papers' and torchdeq's solver).
+
+    The inverse Jacobian of ``g`` is approximated by ``H = -I + U V^T``, a sum of
+    rank-one "good Broyden" updates in Sherman-Morrison form, starting from ``-I``
+    (so the second iterate is ``f(z0)``). Each step is ``z <- z - H g(z)`` with no line
+    search; after it, ``v^T = dz^T H``, ``u = (dz - H dg) / (v^T dg)`` and ``H <- H + u v^T``.
+    Each example has its own ``H``, residual and stop, and is frozen once it stops;
+    an example whose update has a zero or non-finite denominator keeps its old ``H``
+    for that step, and NaN/Inf in one example never reaches the others. Solving an
+    example alone or in a batch gives the same iterates.
+
+    ``value`` is ``f(z)`` at each example's lowest-residual iterate ``z``, as for the
+    other solvers. Memory: two ``[B, memory, D]`` buffers, each read twice per step.
+
+    Args:
+      tol: relative residual ``||f(z)-z|| / (||f(z)|| + 1e-5)`` at which an example stops.
+      max_iter: most f evaluations per example (the one at ``z0`` counts).
+      memory: rank-one updates kept (a ring buffer: each new ``u, v`` is computed with
+        every kept update, then overwrites the oldest); None keeps all of them, i.e.
+        ``max_iter - 2``, the most a solve can make use of.
+
+    Example:
+      >>> import jax.numpy as jnp, deq_jax as dj
+      >>> sol = dj.Broyden(tol=1e-6)(lambda z: jnp.cos(z), jnp.zeros((2, 3)))
+      >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 4)
+      (True, 0.7391)
+    """
+
+    tol: float = 1e-2
+    max_iter: int = 50
+    memory: int | None = None
+
+    def __post_init__(self):
+        check_int("Broyden", max_iter=self.max_iter)
+        check_positive("Broyden", tol=self.tol)
+        if self.memory is not None:
+            check_int("Broyden", memory=self.memory)
+
+    def __call__(self, f: Callable, z0) -> Solution:
+        """Solves ``z = f(z)`` from ``z0``; see :meth:`deq_jax.Anderson.__call__`."""
+        # Updates made at the last two f evaluations are never used by a proposal.
+        slots = max(1, self.max_iter - 2) if self.memory is None else self.memory
+
+        def init_history(batch, features, dtype):
+            vectors = jnp.zeros((batch, features), dtype)
+            buffer = jnp.zeros((batch, slots, features), dtype)
+            return BroydenHistory(vectors, vectors, vectors, buffer, buffer)
+
+        def record(history, k, x, fx, active):
+            # The first iterate has no predecessor: it only sets x, g and step = g (H = -I).
+            update = active & (jnp.asarray(k) > 0)
+            return broyden_update(history, jnp.maximum(k - 1, 0) % slots, x, fx - x, active, update)
+
+        def propose(history, k):
+            return history.x + history.step
+
+        return iterate(
+            "Broyden", f, z0, tol=self.tol, max_iter=self.max_iter,
+            init_history=init_history, propose=propose, record=record,
+        )
