@@ -15,9 +15,10 @@ class BroydenHistory(NamedTuple):
     """The last iterate, its residual, the next step and the rank-one updates of ``H``.
 
     ``H = -I + sum_j u_j v_j^T`` approximates the inverse Jacobian of ``g(z) = f(z) - z``;
-    ``u`` and ``v`` are ring buffers of ``[B, memory, D]`` (zero where never written,
-    so an unwritten slot adds nothing to ``H``). ``step`` is ``-H g`` for the current
-    ``H`` and ``g``, computed while recording, so the next iterate costs one addition.
+    ``u`` and ``v`` are ring buffers of ``[memory, B, D]`` (slot-major, so a slot is one
+    contiguous block; zero where never written, so an unwritten slot adds nothing to
+    ``H``). ``step`` is ``-H g`` for the current ``H`` and ``g``, computed while
+    recording, so the next iterate costs one addition.
     """
 
     x: jax.Array
@@ -27,53 +28,68 @@ class BroydenHistory(NamedTuple):
     v: jax.Array
 
 
-def _rows_finite(*arrays: jax.Array) -> jax.Array:
-    """bool[B]: every entry of every ``[B, ...]`` array is finite."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a), axis=1) for a in arrays]), axis=0)
+def _products(u, v, used, dx, dg, g, slot):
+    """``dx^T H + dx``, ``H dg + dg`` and ``-(H - u_slot v_slot^T) g - g`` for ``H = -I + sum_j u_j v_j^T``.
+
+    A loop over the ``used`` slots written so far, one ``[B, D]`` slot of ``u`` and ``v``
+    at a time: the cost grows with the updates made, not with ``memory``, and each
+    slot is a contiguous block (XLA:CPU reads a strided or transposed ``[B, memory, D]``
+    buffer many times slower).
+    """
+
+    def accumulate(j, sums):
+        uj, vj = u[j], v[j]
+        dots = jnp.stack([jnp.sum(uj * dx, axis=1), jnp.sum(vj * dg, axis=1),
+                          jnp.where(j == slot, 0, jnp.sum(vj * g, axis=1))])[:, :, None]  # the replaced slot left out
+        return sums[0] + dots[0] * vj, sums[1] + dots[1] * uj, sums[2] - dots[2] * uj
+
+    zeros = jnp.zeros_like(dx)
+    return jax.lax.fori_loop(0, used, accumulate, (zeros, zeros, zeros))
 
 
-def broyden_update(history: BroydenHistory, slot, x, g, active: jax.Array, update: jax.Array) -> BroydenHistory:
-    """Records the iterate ``x`` with residual ``g = f(x) - x`` where ``active``, and updates ``H`` where ``update``.
+def broyden_update(history: BroydenHistory, k, x, g, active: jax.Array) -> BroydenHistory:
+    """Records the iterate ``x`` (the ``k``-th f evaluation) with residual ``g = f(x) - x``.
 
     With ``dx = x - x_prev`` and ``dg = g - g_prev``: ``v^T = dx^T H``,
-    ``u = (dx - H dg) / (v^T dg)``, written over ``slot``; the new step is ``-H g`` with
-    the new ``H``. Both products with the old ``H`` use every kept update, the one in
-    ``slot`` included (it is overwritten only afterwards), as torchdeq does. Examples
-    whose denominator is zero or whose ``u, v`` are not finite keep ``H`` unchanged.
+    ``u = (dx - H dg) / (v^T dg)``, written over slot ``(k - 1) % memory``; the new step
+    is ``-H g`` with the new ``H``. Both products with the old ``H`` use every kept
+    update, the one in that slot included (it is overwritten only afterwards), as
+    torchdeq does. Examples whose denominator is zero or whose ``u, v`` are not finite
+    keep ``H`` unchanged; at ``k = 0`` there is no ``dx`` and only ``x, g`` and
+    ``step = g`` are recorded.
+
+    The products read only the slots written so far: a solve that stops after a few
+    steps never touches the rest of the buffers.
 
     Args:
       history: the state before this iterate.
-      slot: the ring-buffer slot to overwrite (a traced int).
+      k: f evaluations before this one (a traced int).
       x, g: [B, D].
       active: bool[B], examples that record this iterate.
-      update: bool[B], examples whose ``H`` takes the update (a subset of ``active``).
 
     Returns:
       The new history; rows outside ``active`` are unchanged.
     """
+    slots = history.u.shape[0]
+    slot = jnp.maximum(k - 1, 0) % slots
     dx, dg = x - history.x, g - history.g
-    # Every product with the old U and V at once: one pass over each buffer per einsum.
-    u_dots = jnp.einsum("bd,bmd->bm", dx, history.u)  # dx^T u_j
-    v_dots = jnp.einsum("bkd,bmd->bkm", jnp.stack([dg, g], axis=1), history.v)  # v_j^T dg, v_j^T g
-    vt = jnp.einsum("bm,bmd->bd", u_dots, history.v) - dx  # dx^T H
-    # H dg and -H g over the old U; the old slot's term is left out of -H g (it is replaced).
-    keep = jnp.arange(history.u.shape[1]) != slot
-    coeffs = jnp.stack([v_dots[:, 0], -v_dots[:, 1] * keep], axis=1)
-    h_dg, step_old = jnp.einsum("bkm,bmd->kbd", coeffs, history.u)
-    h_dg = h_dg - dg
+    used = jnp.minimum(jnp.maximum(k - 1, 0), slots)  # slots written before this update
+    vt, h_dg, minus_h_g = _products(history.u, history.v, used, dx, dg, g, slot)
+    vt, h_dg = vt - dx, h_dg - dg
     denominator = jnp.sum(vt * dg, axis=1, keepdims=True)
     u = (dx - h_dg) / denominator
-    ok = update & (denominator[:, 0] != 0) & _rows_finite(u, vt)
-    u = jnp.where(ok[:, None], u, history.u[:, slot])
-    vt = jnp.where(ok[:, None], vt, history.v[:, slot])
+    ok = active & (k > 0) & (denominator[:, 0] != 0) & jnp.all(jnp.isfinite(u), axis=1) & jnp.all(jnp.isfinite(vt), axis=1)
+    # Not select_rows: a conditional that reads the buffers would copy them whole.
+    u = jnp.where(ok[:, None], u, history.u[slot])
+    vt = jnp.where(ok[:, None], vt, history.v[slot])
     # -H_new g = g - sum_{j != slot} (v_j^T g) u_j - (v_new^T g) u_new.
-    step = g + step_old - jnp.sum(vt * g, axis=1, keepdims=True) * u
+    step = g + minus_h_g - jnp.sum(vt * g, axis=1, keepdims=True) * u
     return BroydenHistory(
         x=select_rows(active, x, lambda: history.x),
         g=select_rows(active, g, lambda: history.g),
         step=select_rows(active, step, lambda: history.step),
-        u=history.u.at[:, slot].set(u),
-        v=history.v.at[:, slot].set(vt),
+        u=history.u.at[slot].set(u),
+        v=history.v.at[slot].set(vt),
     )
 
 
@@ -91,7 +107,8 @@ class Broyden:
     example alone or in a batch gives the same iterates.
 
     ``value`` is ``f(z)`` at each example's lowest-residual iterate ``z``, as for the
-    other solvers. Memory: two ``[B, memory, D]`` buffers, each read twice per step.
+    other solvers. Memory: two ``[memory, B, D]`` buffers; each step reads the slots written
+    so far once.
 
     Args:
       tol: relative residual ``||f(z)-z|| / (||f(z)|| + 1e-5)`` at which an example stops.
@@ -124,13 +141,11 @@ class Broyden:
 
         def init_history(batch, features, dtype):
             vectors = jnp.zeros((batch, features), dtype)
-            buffer = jnp.zeros((batch, slots, features), dtype)
+            buffer = jnp.zeros((slots, batch, features), dtype)
             return BroydenHistory(vectors, vectors, vectors, buffer, buffer)
 
         def record(history, k, x, fx, active):
-            # The first iterate has no predecessor: it only sets x, g and step = g (H = -I).
-            update = active & (jnp.asarray(k) > 0)
-            return broyden_update(history, jnp.maximum(k - 1, 0) % slots, x, fx - x, active, update)
+            return broyden_update(history, jnp.asarray(k), x, fx - x, active)
 
         def propose(history, k):
             return history.x + history.step

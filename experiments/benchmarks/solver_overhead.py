@@ -1,7 +1,8 @@
 """Q1. Solver overhead: forward-solve time / (f evaluations x time of one jitted f).
 
 A solver that spent nothing besides evaluating ``f`` would score 1.0. Everything
-above it is the solver's own work: Anderson's history, Gram matrix and mixing,
+above it is the solver's own work: Anderson's history, Gram matrix and mixing, Broyden's
+rank-one updates,
 the per-example residuals, stops and best iterates, and the loop itself.
 
 Problems (z0 = 0, x ~ N(0, 1), tol 1e-4, max_iter 50, Anderson m=5 lam=1e-4 beta=1):
@@ -31,8 +32,9 @@ F_CALLS_PER_ROUND = 3  # f alone is short: time a few calls per round and take t
 
 
 def solvers(max_iter: int) -> dict:
-    """The two solvers, at the benchmark's tolerance."""
+    """The three solvers, at the benchmark's tolerance."""
     return {"Anderson": dj.Anderson(m=5, lam=1e-4, beta=1.0, tol=TOL, max_iter=max_iter),
+            "Broyden": dj.Broyden(tol=TOL, max_iter=max_iter),
             "ForwardIteration": dj.ForwardIteration(tol=TOL, max_iter=max_iter)}
 
 
@@ -87,7 +89,7 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
         for r in rows])
     notes = [
         f"overhead ratio = solve time / (f evals x one f); 1.0 is the floor. tol {TOL:g}, max_iter {max_iter}, "
-        f"z0 = 0, x ~ N(0, 1); Anderson m=5, lam=1e-4, beta=1.",
+        f"z0 = 0, x ~ N(0, 1); Anderson m=5, lam=1e-4, beta=1; Broyden memory=None (max_iter - 2 updates).",
         "f evals = batched f calls = max over the batch of num_steps (the batch runs until its slowest example stops).",
         f"one f = a jitted call of the cell on the whole batch, blocked, median over {repeats} rounds of "
         f"{F_CALLS_PER_ROUND} calls; every contender alternates with the others in each round.",

@@ -191,9 +191,14 @@ def init_state(config: Config, total_steps: int):
 
 
 def _solve_metrics(prefix: str, stats: dj.SolveStats) -> dict[str, jax.Array]:
-    """One batch's solver stats; keys ending in '_max' are maxima, the others batch means."""
+    """One batch's solver stats; keys ending in '_max' are maxima, the others batch means.
+
+    ``{prefix}_batch_steps`` is the batch's longest solve: the batch runs until its slowest
+    example stops, so this is how many times the batched f (or VJP) ran.
+    """
     return {
         f"{prefix}_steps_mean": stats.mean_steps, f"{prefix}_steps_max": stats.max_steps,
+        f"{prefix}_batch_steps": stats.max_steps,
         f"{prefix}_residual_mean": stats.mean_residual, f"{prefix}_residual_max": stats.max_residual,
         f"{prefix}_converged": stats.converged_fraction,
     }
