@@ -108,4 +108,21 @@ def test_jacobian_cost():
     result = jacobian_cost.run(quick=True, repeats=1)
     check_table(result, columns=3)
     assert [r["computation"] for r in result.rows][0] == "f" and result.rows[0]["vs_f"] == 1
-    assert len(result.rows) == 6 and all(positive(r["ms"]) and positive(r["vs_f"]) for r in result.rows)
+    assert len(result.rows) == 7 and all(positive(r["ms"]) and positive(r["vs_f"]) for r in result.rows)
+
+
+def test_ablation(mock_cifar10, tmp_path, monkeypatch):
+    from experiments.benchmarks import ablation
+
+    # Two settings and a second seed keep it short; test_cifar10_train runs every training aid.
+    monkeypatch.setattr(ablation, "SETTINGS", {k: ablation.SETTINGS[k] for k in (ablation.CHAPTER, ablation.RECOMMENDED)})
+    monkeypatch.setattr(ablation, "SECOND_SEED", (ablation.RECOMMENDED,))
+    # The workspace's CIFAR-10 copy when present, else mocked TFDS data.
+    with mock_cifar10(20):
+        result = ablation.run(quick=True, workdir=str(tmp_path))
+    check_table(result, columns=11)
+    assert [(r["setting"], r["seed"]) for r in result.rows] == ablation.runs()
+    for r in result.rows:
+        assert positive(r["s_per_step"]) and 1 <= r["fwd_steps_mean"] <= r["fwd_evals"] <= 4
+        assert 0 <= r["test_accuracy"] <= 1 and positive(r["radius"])
+        assert (r["bwd_converged"] is None) == ("Phantom" in r["setting"])

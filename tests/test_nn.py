@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
@@ -32,15 +33,18 @@ def test_cell_keeps_shape_and_normalises():
     np.testing.assert_allclose(groups.mean(axis=(1, 3)), 0, atol=1e-5)
 
 
-def small_deq():
-    cell = dj.nn.ResNetCell(4, 6, num_groups=2, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+def small_deq(weight_norm=False):
+    cell = dj.nn.ResNetCell(4, 6, num_groups=2, param_dtype=jnp.float64, weight_norm=weight_norm, rngs=nnx.Rngs(0))
     for conv in (cell.conv1, cell.conv2):
-        conv.kernel[...] = conv.kernel[...] * 3.0
+        # Kernels 3x as large: a less trivial map (with weight norm only the scale g sets the size).
+        weight = conv.scale if weight_norm else conv.kernel
+        weight[...] = weight[...] * 3.0
     return dj.nn.DEQ(cell, solver=TIGHT)
 
 
-def test_check_grads_through_deq(x64):
-    graphdef, params, rest = nnx.split(small_deq(), nnx.Param, ...)
+@pytest.mark.parametrize("weight_norm", [False, True], ids=["plain", "weight_norm"])
+def test_check_grads_through_deq(x64, weight_norm):
+    graphdef, params, rest = nnx.split(small_deq(weight_norm), nnx.Param, ...)
     x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4), jnp.float64)
     w = jax.random.normal(jax.random.key(1), x.shape, jnp.float64)
 

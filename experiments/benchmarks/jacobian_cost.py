@@ -9,6 +9,8 @@ On the CIFAR model's cell ``ResNetCell(48, 64)`` at batch 100 of 32x32 (NHWC), a
     step pays for the regulariser (second-order reverse mode through the cell), with the
     default convolution (``loop_friendly_conv``, a ``custom_vjp``) and with
     ``lax.conv_general_dilated``;
+  - the same gradient with the penalty under ``lax.cond`` (a traced predicate, always true):
+    what the experiment compiles for ``--jac-reg-freq`` below 1;
   - ``dj.spectral_radius`` with 100 power iterations (one linearisation, 100 VJPs).
 
 Usage:
@@ -51,6 +53,9 @@ def contenders(channels: int, inner: int, batch: int, size: int) -> dict:
         "jacobian_penalty (1 vector)": jax.jit(lambda p, z, x, key: dj.jacobian_penalty(f, z, (p, x), key)),
         "grad of mean penalty w.r.t. params": penalty_grad(f),
         "same, cell with lax.conv_general_dilated": penalty_grad(plain_f),
+        # What the experiment's --jac-reg-freq < 1 compiles: the penalty under a traced predicate.
+        "grad of mean penalty inside lax.cond": jax.jit(jax.grad(lambda p, z, x, key: jax.lax.cond(
+            jnp.sum(z) > -jnp.inf, lambda: jnp.mean(dj.jacobian_penalty(f, z, (p, x), key)), lambda: 0.0))),
         f"spectral_radius ({NUM_ITERS} iterations)":
             jax.jit(lambda p, z, x, key: dj.spectral_radius(f, z, (p, x), key, NUM_ITERS)),
     }

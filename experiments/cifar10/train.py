@@ -209,18 +209,23 @@ def _jacobian_penalty(model: CifarDEQ, x, z, step, config: Config) -> tuple[jax.
 
     Whether a step adds it is drawn inside the compiled step (as the DEQ repo draws it
     on the host), from a key that depends only on the seed and the step number, so a
-    resumed run draws the same. A ``lax.cond`` skips the VJP on the other steps.
+    resumed run draws the same; a ``lax.cond`` skips the penalty on the other steps.
+    With ``jac_reg_freq == 1`` there is no draw and no ``lax.cond``: on XLA:CPU the
+    penalty's gradient inside a conditional runs about 37x slower (the convolutions'
+    kernel gradients, as inside loops; ``python -m experiments.benchmarks.jacobian_cost``).
 
     Returns:
       ``(penalty, applied)``: the batch-mean penalty (0 when skipped) and 1.0 or 0.0.
     """
     key_draw, key_vectors = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step))
+
+    def penalty():
+        return model.deq.jacobian_penalty(x, jax.lax.stop_gradient(z), key_vectors).mean()
+
+    if config.jac_reg_freq == 1:
+        return penalty(), jnp.ones((), jnp.float32)
     applied = jax.random.bernoulli(key_draw, config.jac_reg_freq)
-    penalty = jax.lax.cond(
-        applied, lambda: model.deq.jacobian_penalty(x, jax.lax.stop_gradient(z), key_vectors).mean(),
-        lambda: jnp.zeros((), z.dtype),
-    )
-    return penalty, applied.astype(jnp.float32)
+    return jax.lax.cond(applied, penalty, lambda: jnp.zeros((), z.dtype)), applied.astype(jnp.float32)
 
 
 def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: ModelDef, tx,
