@@ -142,6 +142,7 @@ def test_real_data_loss_goes_down(tmp_path):
 
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import json, sys
     import jax, numpy as np
     from experiments.cifar10 import train
 
@@ -151,7 +152,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         raise AssertionError("a batch of 6 on 4 devices was accepted")
     except ValueError as e:
         assert "--batch-size 6 does not split evenly over 4 devices" in str(e), e
-    config = train.Config(batch_size=8, f_max_iter=4, b_max_iter=4)
+    config = train.Config(batch_size=8, f_max_iter=4, b_max_iter=4, **json.loads(sys.argv[1]))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 8, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, (2, 8), dtype=np.int32)
@@ -189,10 +190,11 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_four_devices_match_one_device():
+@pytest.mark.parametrize("settings", [{}, TOOLKIT], ids=["chapter", "toolkit"])
+def test_four_devices_match_one_device(settings):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT, json.dumps(settings)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("losses")
