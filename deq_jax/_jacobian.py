@@ -68,8 +68,8 @@ def jacobian_penalty(f: Callable, z, args, key, num_vectors: int = 1) -> jax.Arr
     ``K`` small; for many vectors ``jax.vmap`` over keys). Its gradient differentiates
     those VJPs once more (second order, reverse mode), so ``f`` must be twice
     reverse-differentiable (``loop_friendly_conv``'s and ``GroupNorm``'s rules are). On
-    XLA:CPU, for ``ResNetCell(48, 64)`` at batch 100, the penalty costs 2.7 f evaluations
-    (0.8 of them drawing the vectors) and its gradient 9.7
+    XLA:CPU, for ``ResNetCell(48, 64)`` at batch 100, the penalty costs 2.1 f evaluations
+    and its gradient 8.6
     (``python -m experiments.benchmarks.jacobian_cost``).
 
     Args:

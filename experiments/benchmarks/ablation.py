@@ -30,7 +30,7 @@ SHARED_DATA = common.REFERENCE.parents[1] / "data" / "tfds"
 CHAPTER = "Anderson + implicit (the chapter's)"
 RECOMMENDED = "Anderson (at most 12 f evals) + Phantom(1)"
 # name -> Config fields. The Jacobian penalty's weight is ours (Bai et al. use weights of order 1);
-# it is added on every step: on a fraction of steps (a lax.cond) XLA:CPU runs it ~37x slower (Q7).
+# it is added on every step: on a fraction of steps (a lax.cond) XLA:CPU runs it ~77x slower (Q7).
 SETTINGS = {
     CHAPTER: {},
     "Broyden + implicit": dict(solver="broyden"),
@@ -134,7 +134,7 @@ def run(quick: bool = False, data_dir: str | None = None, workdir: str | None = 
         "stops), then the mean per example; extra f: implicit linearises f once at z*, Phantom(k) unrolls k steps.",
         "bwd VJPs / step: implicit = batched backward-solve steps + 1 VJP w.r.t. the parameters; Phantom(k) = k.",
         "Jacobian reg: weight x the penalty (one Hutchinson vector at z*) on every step; its gradient costs "
-        "about 9.7 f (Q7 `jacobian_cost`), in neither f nor VJP column.",
+        "about 8.6 f (Q7 `jacobian_cost`), in neither f nor VJP column.",
         "spectral radius: of J_f(z*) at the first test batch's fixed points (50 power iterations), after the "
         "last epoch; fwd/bwd conv.: fraction of examples whose solve reached tol, last epoch.",
     ]

@@ -211,8 +211,9 @@ def _jacobian_penalty(model: CifarDEQ, x, z, step, config: Config) -> tuple[jax.
     on the host), from a key that depends only on the seed and the step number, so a
     resumed run draws the same; a ``lax.cond`` skips the penalty on the other steps.
     With ``jac_reg_freq == 1`` there is no draw and no ``lax.cond``: on XLA:CPU the
-    penalty's gradient inside a conditional runs about 37x slower (the convolutions'
-    kernel gradients, as inside loops; ``python -m experiments.benchmarks.jacobian_cost``).
+    penalty's gradient inside a conditional runs about 77x slower at batch 100
+    (``python -m experiments.benchmarks.jacobian_cost``; presumably the convolutions' kernel
+    gradients, which XLA:CPU also runs slowly inside loops).
 
     Returns:
       ``(penalty, applied)``: the batch-mean penalty (0 when skipped) and 1.0 or 0.0.
