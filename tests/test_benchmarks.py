@@ -41,7 +41,7 @@ def test_backward_scale():
 def test_solver_overhead():
     result = solver_overhead.run(quick=True)
     check_table(result, columns=10)
-    assert {r["solver"] for r in result.rows} == {"Anderson", "ForwardIteration"}
+    assert {r["solver"] for r in result.rows} == {"Anderson", "Broyden", "ForwardIteration"}
     for r in result.rows:
         assert 1 <= r["f_evals"] <= 10 and positive(r["f_ms"]) and positive(r["bare_ms"]) and positive(r["solve_ms"])
         assert positive(r["ratio"]) and positive(r["bare_ratio"])
@@ -123,6 +123,6 @@ def test_ablation(mock_cifar10, tmp_path, monkeypatch):
     check_table(result, columns=11)
     assert [(r["setting"], r["seed"]) for r in result.rows] == ablation.runs()
     for r in result.rows:
-        assert positive(r["s_per_step"]) and 1 <= r["fwd_steps_mean"] <= r["fwd_evals"] <= 4
+        assert positive(r["s_per_step"]) and 1 <= r["fwd_steps_mean"] <= r["fwd_evals"] <= 12
         assert 0 <= r["test_accuracy"] <= 1 and positive(r["radius"])
         assert (r["bwd_converged"] is None) == ("Phantom" in r["setting"])
