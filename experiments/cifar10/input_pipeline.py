@@ -225,9 +225,10 @@ def steps_per_epoch(num_examples: int, batch_size: int, *, drop_remainder: bool 
 
 
 def epoch_batches(
-    split: Split, batch_size: int, *, rng: np.random.Generator | None, drop_remainder: bool
+    split: Split, batch_size: int, *, rng: np.random.Generator | None, drop_remainder: bool,
+    rows: slice = slice(None),
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields one epoch of batches.
+    """Yields one epoch of batches, or of the same rows of each batch.
 
     Args:
         split: the data.
@@ -235,6 +236,8 @@ def epoch_batches(
         rng: shuffles the examples when given (training); None keeps their order (eval).
         drop_remainder: drop the last short batch (training, so every step has one
             shape) or yield it short (eval; see `pad_batch`).
+        rows: read only these rows of each batch (one process's share of a global batch);
+            in a short last batch, those of them that exist.
 
     Returns:
         An iterator of (images uint8 [B, 32, 32, 3], labels int32 [B]).
@@ -244,7 +247,7 @@ def epoch_batches(
     order = np.arange(n) if rng is None else rng.permutation(n)
     stop = n - n % batch_size if drop_remainder else n
     for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
+        idx = order[start : start + batch_size][rows]
         yield split.images[idx], split.labels[idx]
 
 
@@ -275,26 +278,33 @@ def pad_batch(
     return images, np.pad(labels, (0, pad)), np.arange(batch_size) < n
 
 
-def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def augment(
+    images: np.ndarray, rng: np.random.Generator, *, rows: slice = slice(None), batch_size: int | None = None
+) -> np.ndarray:
     """Random 32x32 crop of the zero-padded (4 px) image, then a random horizontal flip.
 
     The same as torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip, done for
     the whole batch with one gather.
 
     Args:
-        images: uint8 [B, H, W, C].
+        images: uint8 [B, H, W, C]: a whole batch, or its rows `rows`.
         rng: the source of randomness; the same generator state gives the same output.
+        rows, batch_size: `images` are these rows of a batch of `batch_size` (default:
+            the whole batch). The draws are made for the whole batch, so each process
+            augments its rows as one process augmenting the whole batch would.
 
     Returns:
         uint8 [B, H, W, C].
     """
-    b, h, w, _ = images.shape
+    _, h, w, _ = images.shape
+    b = len(images) if batch_size is None else batch_size
     p = _CROP_PADDING
     padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-    dy = rng.integers(0, 2 * p + 1, size=b)
-    dx = rng.integers(0, 2 * p + 1, size=b)
-    flip = rng.random(b) < 0.5
-    rows = dy[:, None] + np.arange(h)  # [B, H]: source row of each output row
-    cols = dx[:, None] + np.arange(w)  # [B, W]
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)  # mirroring the crop = reading it backwards
-    return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    dy, dx, flip = (rng.integers(0, 2 * p + 1, size=b), rng.integers(0, 2 * p + 1, size=b), rng.random(b) < 0.5)
+    dy, dx, flip = dy[rows], dx[rows], flip[rows]
+    if len(dy) != len(images):
+        raise ValueError(f"augment: {len(images)} images are not the rows {rows} of a batch of {batch_size}")
+    src_rows = dy[:, None] + np.arange(h)  # [B, H]: source row of each output row
+    src_cols = dx[:, None] + np.arange(w)  # [B, W]
+    src_cols = np.where(flip[:, None], src_cols[:, ::-1], src_cols)  # mirroring the crop = reading it backwards
+    return padded[np.arange(len(images))[:, None, None], src_rows[:, :, None], src_cols[:, None, :]]
