@@ -1,6 +1,11 @@
 """CIFAR-10 input pipeline: loading (mocked and real), batching, augmentation, errors."""
 
+import io
 import re
+import socket
+import sys
+import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +85,9 @@ def test_missing_data_dir(tmp_path):
 
 def test_unprepared_data_dir(tmp_path):
     with pytest.raises(
-        FileNotFoundError, match="CIFAR-10 was not found in data_dir.*tensorflow-cpu"
+        FileNotFoundError,
+        match="CIFAR-10 was not found in data_dir .*no train-NNNNN-of-NNNNN.npz parts.*"
+        "no prepared TFDS copy.*Pass --data-dir.*export_npz",
     ):
         ip.load_split("train", data_dir=tmp_path)
 
@@ -94,6 +101,60 @@ def test_unprepared_default_dir_without_tensorflow(tmp_path, monkeypatch):
     ):
         ip.load_split("train")
     assert not any(tmp_path.iterdir())  # nothing downloaded or created
+
+
+def test_unprepared_default_dir_without_network(tmp_path, monkeypatch):
+    # With TensorFlow there, TFDS would retry the download for minutes; a probe stops first.
+    monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(ip, "_tensorflow_installed", lambda: True)
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **k: pytest.fail("TFDS was asked to download"))
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as error:
+        ip.load_split("train")
+    assert time.monotonic() - start < ip._PROBE_TIMEOUT_S
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.search("default data dir.*cannot download.*out of reach.*Pass --data-dir.*export_npz", message)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("empty_data_dir, match", [
+    (False, "default data dir \\(tensorflow_datasets.*is not installed\\)"),
+    (True, "no train-NNNNN-of-NNNNN.npz parts.*and tensorflow_datasets.*is not installed"),
+])
+def test_without_tensorflow_datasets(tmp_path, monkeypatch, empty_data_dir, match):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # any TFDS import now fails
+    with pytest.raises(FileNotFoundError, match=f"{match}.*Pass --data-dir.*export_npz"):
+        ip.load_split("train", data_dir=tmp_path if empty_data_dir else None)
+
+
+@pytest.mark.parametrize("response, answered", [
+    (urllib.error.URLError("no route"), False),
+    (urllib.error.HTTPError(ip._DOWNLOAD_URL, 403, "Forbidden", {}, None), True),  # the server is there
+    (None, True),
+])
+def test_can_download(monkeypatch, response, answered):
+    def urlopen(request, timeout):
+        assert request.get_method() == "HEAD" and request.full_url == ip._DOWNLOAD_URL
+        if response is not None:
+            raise response
+        return io.BytesIO()  # anything with close()
+
+    monkeypatch.setattr(ip.urllib.request, "urlopen", urlopen)
+    assert ip._can_download() is answered
+
+
+def test_can_download_gives_up_on_a_hanging_network(monkeypatch):
+    monkeypatch.setattr(ip, "_PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ip.urllib.request, "urlopen", lambda request, timeout: time.sleep(3) or io.BytesIO())
+    start = time.monotonic()
+    assert not ip._can_download()
+    assert time.monotonic() - start < 2
 
 
 @pytest.mark.parametrize("limit", [0, -3, 2.5, True, "10"])

@@ -2,9 +2,10 @@
 
 The whole dataset is 180 MB as uint8, so it is decoded once into host memory and
 batched with numpy; no TensorFlow is needed to read it. A data dir may instead hold
-``train.npz``/``test.npz`` exported by ``python -m experiments.cifar10.export_npz``;
-those are read without TFDS (for machines that lack it). Nothing here imports JAX,
-so every data error surfaces before anything compiles.
+parts such as ``train-00000-of-00003.npz`` exported by
+``python -m experiments.cifar10.export_npz``; those are read without TFDS (for machines
+that lack it). Nothing here imports JAX, so every data error surfaces before anything
+compiles.
 
 Example::
 
@@ -18,6 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
+import threading
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -33,6 +40,10 @@ _CROP_PADDING = 4
 _NUM_EXACT_TEST = 1000  # test_00000..test_00999 are bit-exact (data/README.md)
 _READ_CHUNK = 1000  # per batched read (2x faster than one-by-one) and progress update
 _PROGRESS_MIN = 5000  # a progress bar only for loads of a second or more
+_DOWNLOAD_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"  # TFDS's cifar10 source
+_PROBE_TIMEOUT_S = 5.0
+# An exported part: the split's rows [first, first + N) of `total`, as written by export_npz.
+_PART_ARRAYS = ("images", "labels", "ids", "first", "total")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,25 +72,34 @@ def load_split(
     Args:
         split: a TFDS split name, e.g. 'train' or 'test'.
         data_dir: a folder holding a prepared copy (`cifar10/3.0.2/...` in array_record
-            format), or `<split>.npz` files written by `export_npz` (read without TFDS).
-            None uses TFDS's default data dir (TFDS_DATA_DIR or ~/tensorflow_datasets),
-            where TFDS downloads and prepares CIFAR-10 if TensorFlow is installed.
+            format), or the parts `<split>-NNNNN-of-NNNNN.npz` written by `export_npz`
+            (read without TFDS, which then need not be installed). None uses TFDS's
+            default data dir (TFDS_DATA_DIR or ~/tensorflow_datasets), where TFDS
+            downloads and prepares CIFAR-10 if TensorFlow and the network are there.
         limit: read only the first `limit` examples (all if the split is smaller);
-            None reads the whole split.
+            None reads the whole split. Parts past the limit are not opened.
 
     Returns:
         A `Split` with uint8 images, int32 labels and str ids.
 
     Raises:
-        ValueError: `limit` is not a positive int, or the dataset's features are not
-            CIFAR-10's.
-        FileNotFoundError: `data_dir` does not exist or holds no prepared CIFAR-10, or
-            (data_dir None) the default data dir has none and TensorFlow is missing.
+        ValueError: `limit` is not a positive int, the dataset's features are not
+            CIFAR-10's, or exported parts are unreadable or come from different exports.
+        FileNotFoundError: no CIFAR-10 where asked: `data_dir` is missing or holds neither
+            a prepared copy nor parts (or only parts with one missing); or, with data_dir
+            None, the default data dir has none and TFDS cannot get it (no TensorFlow,
+            no tensorflow_datasets, or no network). Its message says what to pass.
+
+    Example:
+        >>> test = load_split("test", data_dir="/tmp/cifar_parts", limit=100)  # doctest: +SKIP
+        >>> test.images.shape  # doctest: +SKIP
+        (100, 32, 32, 3)
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-    if data_dir is not None and (Path(data_dir) / f"{split}.npz").is_file():
-        return _load_npz(Path(data_dir) / f"{split}.npz", limit)
+    parts = [] if data_dir is None else find_parts(data_dir, split)
+    if parts:
+        return _load_parts(parts, split, limit)
     source = _open_source(split, data_dir)
     features = source.dataset_info.features
     _check_features(features)
@@ -99,41 +119,158 @@ def load_split(
     return Split(images, labels, None if ids is None else np.array(ids, dtype=str))
 
 
-def _load_npz(path: Path, limit: int | None) -> Split:
-    """Reads a split exported by `export_npz`: arrays `images`, `labels`, `ids`."""
-    with np.load(path) as data:
-        missing = {"images", "labels", "ids"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} is not a CIFAR-10 export: it lacks {sorted(missing)}")
-        images, labels, ids = (data[k][:limit] for k in ("images", "labels", "ids"))
-    if images.dtype != np.uint8 or images.shape[1:] != _IMAGE_SHAPE or len(labels) != len(images):
+def part_name(split: str, index: int, count: int) -> str:
+    """The file name of part `index` (from 0) of the `count` parts of an exported split.
+
+    Args:
+        split: the split's name, e.g. 'train'.
+        index: the part's position, 0..count-1.
+        count: how many parts the split was written in.
+
+    Returns:
+        The name, zero-padded so names sort in part order.
+
+    Example:
+        >>> part_name("train", 1, 3)
+        'train-00001-of-00003.npz'
+    """
+    return f"{split}-{index:05d}-of-{count:05d}.npz"
+
+
+def find_parts(folder: str | Path, split: str) -> list[Path]:
+    """The files in `folder` named as parts of `split` (see `part_name`), in order.
+
+    Only names are looked at; `load_split` checks that they form one whole export.
+
+    Args:
+        folder: where to look; a missing folder holds no parts.
+        split: the split's name.
+
+    Returns:
+        Their paths, sorted by name (so by part index); empty if there are none.
+
+    Example:
+        >>> [p.name for p in find_parts("/tmp/cifar_parts", "test")]  # doctest: +SKIP
+        ['test-00000-of-00001.npz']
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = _part_pattern(split)
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
+
+
+def _part_pattern(split: str) -> re.Pattern:
+    """Matches `part_name(split, ...)`; groups: index, count."""
+    return re.compile(rf"{re.escape(split)}-(\d{{5}})-of-(\d{{5}})\.npz")
+
+
+def _load_parts(paths: list[Path], split: str, limit: int | None) -> Split:
+    """Reads exported parts in order, stopping as soon as `limit` examples are in."""
+    _check_part_names(paths, split)
+    pieces, total = [], None
+    read = 0
+    for path in paths:
+        if read == limit:
+            break
+        piece, first, part_total = _load_part(path, None if limit is None else limit - read)
+        total = part_total if total is None else total
+        # Names alone cannot tell parts of two exports with equal counts apart.
+        if (first, part_total) != (read, total):
+            raise ValueError(
+                f"{path} does not continue {paths[0].name}: it holds examples from {first} "
+                f"of {part_total}, expected from {read} of {total}; the {split} parts come "
+                "from different exports, so export again into an empty folder"
+            )
+        pieces.append(piece)
+        read += len(piece)
+    columns = zip(*((p.images, p.labels, p.ids) for p in pieces))
+    return Split(*(np.concatenate(c) for c in columns))
+
+
+def _check_part_names(paths: list[Path], split: str) -> None:
+    """Raises unless the names are parts 0..count-1 of `count`, one count for all."""
+    pattern = _part_pattern(split)
+    parsed = [tuple(int(g) for g in pattern.fullmatch(p.name).groups()) for p in paths]
+    folder = paths[0].parent
+    counts = sorted({count for _, count in parsed})
+    if len(counts) > 1:
         raise ValueError(
-            f"{path}: expected uint8 images [N, 32, 32, 3] and N labels, got {images.dtype} "
-            f"{images.shape} and {labels.shape}"
+            f"{folder} mixes {split} parts of different exports (-of- counts {counts}); "
+            "export again into an empty folder"
         )
-    return Split(images, labels.astype(np.int32), ids.astype(str))
+    count = counts[0]
+    indices = {index for index, _ in parsed}
+    missing = sorted(set(range(count)) - indices)
+    if missing:
+        names = ", ".join(part_name(split, i, count) for i in missing)
+        raise FileNotFoundError(
+            f"{folder} lacks {len(missing)} of the {count} {split} parts: {names}"
+        )
+    if indices != set(range(count)):
+        raise ValueError(
+            f"{folder}: {split} part indices {sorted(indices)} go past -of-{count:05d}"
+        )
+
+
+def _load_part(path: Path, limit: int | None) -> tuple[Split, int, int]:
+    """Reads one part; returns its first `limit` examples, its `first` and its `total`."""
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in _PART_ARRAYS if k in data.files}
+    # A part cut short in transfer or corrupted: name the file, not a zip internal.
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path} cannot be read as an npz file ({e}); copy it again") from e
+    missing = set(_PART_ARRAYS) - set(arrays)
+    if missing:
+        raise ValueError(f"{path} is not a part written by export_npz: it lacks {sorted(missing)}")
+    images, labels, ids = (arrays[k][:limit] for k in ("images", "labels", "ids"))
+    shapes_agree = len(labels) == len(ids) == len(images)
+    if images.dtype != np.uint8 or images.shape[1:] != _IMAGE_SHAPE or not shapes_agree:
+        raise ValueError(
+            f"{path}: expected uint8 images [N, 32, 32, 3], N labels and N ids, got {images.dtype} "
+            f"{images.shape}, {labels.shape} and {ids.shape}"
+        )
+    piece = Split(images, labels.astype(np.int32), ids.astype(str))
+    return piece, int(arrays["first"]), int(arrays["total"])
 
 
 def _open_source(split: str, data_dir: str | Path | None) -> Sequence[dict]:
     """Opens the TFDS data source, downloading only where that can succeed.
 
     TFDS's CIFAR-10 preparation reads the downloaded archive with TensorFlow, but it
-    only finds out after downloading 160 MB; without TensorFlow we stop first.
+    only finds out after downloading 160 MB; without TensorFlow we stop first. Without
+    a network, TFDS retries the download for minutes and ends in a traceback; a probe
+    of a few seconds stops first.
     """
-    import tensorflow_datasets as tfds  # here: an exported copy is read without TFDS
-
     if data_dir is not None and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"data_dir {str(data_dir)!r} does not exist or is not a folder")
+    where = "TFDS's default data dir" if data_dir is None else f"data_dir {str(data_dir)!r}"
+    parts = f"no {split}-NNNNN-of-NNNNN.npz parts from export_npz"
+    try:
+        import tensorflow_datasets as tfds  # here: an exported copy is read without TFDS
+    except ImportError:
+        missing = "tensorflow_datasets, which reads and downloads TFDS copies, is not installed"
+        raise FileNotFoundError(
+            _not_found_message(where, missing if data_dir is None else f"{parts}, and {missing}")
+        ) from None
     builder = tfds.builder(_DATASET, data_dir=data_dir, **_BUILDER_KWARGS)
     if not builder.is_prepared():
+        no_copy = f"no prepared TFDS copy at {builder.data_dir}"
         if data_dir is not None:
-            raise FileNotFoundError(_not_found_message("data_dir", builder.data_dir))
+            raise FileNotFoundError(_not_found_message(where, f"{parts}, {no_copy}"))
         if not _tensorflow_installed():
             raise FileNotFoundError(
                 _not_found_message(
-                    "TFDS's default data dir",
-                    builder.data_dir,
-                    "; TFDS needs TensorFlow to prepare it",
+                    where, f"{no_copy}, and TFDS needs TensorFlow to prepare one: "
+                    "`pip install tensorflow-cpu`"
+                )
+            )
+        if not _can_download():
+            raise FileNotFoundError(
+                _not_found_message(
+                    where, f"{no_copy}, and TFDS cannot download one: {_DOWNLOAD_URL} is "
+                    f"out of reach (no answer within {_PROBE_TIMEOUT_S:g} s)"
                 )
             )
     return tfds.data_source(
@@ -149,13 +286,36 @@ def _tensorflow_installed() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
-def _not_found_message(where: str, path: str, reason: str = "") -> str:
+def _can_download() -> bool:
+    """Whether CIFAR-10's download URL answers a HEAD request within `_PROBE_TIMEOUT_S`.
+
+    urllib honours the same proxy variables as TFDS's downloader (requests). The
+    request runs in a daemon thread because urlopen's timeout does not cover name
+    resolution, which can hang far longer on a machine with a resolver but no route.
+    """
+    answered = []
+
+    def head() -> None:
+        try:
+            request = urllib.request.Request(_DOWNLOAD_URL, method="HEAD")
+            urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # an error status still means the network works; TFDS may manage
+        except OSError:
+            return
+        answered.append(True)
+
+    thread = threading.Thread(target=head, daemon=True)
+    thread.start()
+    thread.join(_PROBE_TIMEOUT_S)
+    return bool(answered)
+
+
+def _not_found_message(where: str, reason: str) -> str:
     return (
-        f"CIFAR-10 was not found in {where} (expected a prepared TFDS copy at {path}){reason}. "
-        "To get it, either point data_dir (--data-dir) at a prepared copy, or "
-        "`pip install tensorflow-cpu` and leave data_dir unset, so TFDS downloads and "
-        "prepares it as array_record in TFDS_DATA_DIR or ~/tensorflow_datasets (or run "
-        "`tfds build cifar10 --file_format=array_record --data_dir=DIR` once)."
+        f"CIFAR-10 was not found in {where} ({reason}). Pass --data-dir pointing at a "
+        "prepared TFDS copy (made once with `tfds build cifar10 --file_format=array_record "
+        "--data_dir=DIR`) or at a folder written by `python -m experiments.cifar10.export_npz`."
     )
 
 
