@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import deq_jax as dj
 
+from . import distributed
 from . import input_pipeline as ip
 from . import plots
 from .model import CifarDEQ, param_count
@@ -359,6 +360,12 @@ class Steps(NamedTuple):
     radius: Any  # (state, images, mask) -> spectral radius sums
     replicated: NamedSharding
     data: NamedSharding
+    batch_size: int  # the global batch
+    rows: slice  # the rows of each global batch this process feeds
+
+    def batch(self, *local: np.ndarray) -> tuple[jax.Array, ...]:
+        """Global batch arrays from this process's ``rows`` of them."""
+        return distributed.global_batch(self.data, self.batch_size, *local)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -416,32 +423,34 @@ def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Me
         train=train_jit.lower(state, images, labels).compile(),
         eval=eval_jit.lower(state, images, labels, flags, flags).compile(),
         radius=radius_jit.lower(state, images, flags).compile(),
-        replicated=replicated, data=data,
+        replicated=replicated, data=data, batch_size=batch_size, rows=distributed.process_rows(data, batch_size),
     )
 
 
-def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray, batch_size: int) -> dict[str, float]:
-    """Test loss and accuracy over a whole split (the last batch padded).
+def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray) -> dict[str, float]:
+    """Test loss and accuracy over a whole split (the last batch padded), each example counted once.
+
+    Each process reads and feeds only its rows of each batch.
 
     Args:
       steps: the compiled steps.
       state: the train state.
       split: the evaluation data.
       exact: bool [N], the bit-exact test examples.
-      batch_size: the compiled batch size.
 
     Returns:
       ``test_loss``, ``test_accuracy``, ``test_exact_accuracy``, and the mean and largest
       spectral radius of the cell's Jacobian at the fixed points of the first
       ``RADIUS_BATCHES`` batches, ``test_spectral_radius_mean`` / ``_max``.
     """
-    total, radius, start = None, None, 0
-    for i, (images, labels) in enumerate(ip.epoch_batches(split, batch_size, rng=None, drop_remainder=False)):
-        is_exact = np.zeros(batch_size, bool)
-        is_exact[: len(labels)] = exact[start : start + len(labels)]
-        start += len(labels)
-        images, labels, mask, is_exact = jax.device_put((*ip.pad_batch(images, labels, batch_size), is_exact),
-                                                        steps.data)
+    total, radius, rows = None, None, steps.rows
+    batches = ip.epoch_batches(split, steps.batch_size, rng=None, drop_remainder=False, rows=rows)
+    for i, (images, labels) in enumerate(batches):
+        # Padding fills the last batch's end, so a process's real rows come first in its block.
+        first = i * steps.batch_size + rows.start
+        is_exact = np.zeros(rows.stop - rows.start, bool)
+        is_exact[: len(labels)] = exact[first : first + len(labels)]
+        images, labels, mask, is_exact = steps.batch(*ip.pad_batch(images, labels, len(is_exact)), is_exact)
         metrics = steps.eval(state, images, labels, mask, is_exact)
         total = metrics if total is None else accumulate(total, metrics)
         if i < RADIUS_BATCHES:
@@ -472,12 +481,16 @@ def train_epoch(steps: Steps, state: dict, split: ip.Split, config: Config, epoc
     shuffle_rng, augment_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([config.seed, epoch]).spawn(2))
     total = None
     num_steps = ip.steps_per_epoch(len(split), config.batch_size)
-    with tqdm(total=num_steps, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False) as bar:
-        batches = ip.epoch_batches(split, config.batch_size, rng=shuffle_rng, drop_remainder=True)
+    bar = tqdm(total=num_steps, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False,
+               disable=not distributed.is_primary())
+    with bar:
+        # Every process draws the same permutation and augmentation of the whole batch; each
+        # reads and augments only its own rows, so N processes compute what one would.
+        batches = ip.epoch_batches(split, config.batch_size, rng=shuffle_rng, drop_remainder=True, rows=steps.rows)
         for i, (images, labels) in enumerate(batches, 1):
             if config.augment:
-                images = ip.augment(images, augment_rng)
-            state, metrics = steps.train(state, *jax.device_put((images, labels), steps.data))
+                images = ip.augment(images, augment_rng, rows=steps.rows, batch_size=config.batch_size)
+            state, metrics = steps.train(state, *steps.batch(images, labels))
             total = metrics if total is None else accumulate(total, metrics)
             bar.update()
             # The loop's only host sync. It also keeps the host (and the bar, which counts
@@ -534,6 +547,12 @@ def _restore(manager: ocp.CheckpointManager, state: dict, config: Config) -> tup
     return restored.state, meta["history"]
 
 
+def _log(message: str) -> None:
+    """Prints on process 0 only, so N processes print one log."""
+    if distributed.is_primary():
+        print(message, flush=True)
+
+
 def _print_epoch(m: dict) -> None:
     def solve(prefix):
         return (f"{prefix} steps {m[f'{prefix}_steps_mean']:.1f} res {m[f'{prefix}_residual_mean']:.4f} "
@@ -588,24 +607,26 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
 
     model_def, state, tx, schedule = init_state(config, config.epochs * steps_per_epoch)
     count = param_count(state["params"])
-    print(f"CifarDEQ: {count:,} trainable parameters (the chapter's PyTorch model: {CHAPTER_PARAM_COUNT:,})")
+    _log(f"CifarDEQ: {count:,} trainable parameters (the chapter's PyTorch model: {CHAPTER_PARAM_COUNT:,})")
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     history = []
     if config.resume:
         state, history = _restore(manager, state, config)
-        print(f"resumed from the checkpoint of epoch {len(history)} in {manager.directory}")
-    device = f"{mesh.size} x {mesh.devices.flat[0].device_kind}"
+        _log(f"resumed from the checkpoint of epoch {len(history)} in {manager.directory}")
+    device = f"{mesh.size} x {mesh.devices.flat[0].device_kind}" + (
+        f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
     start = time.perf_counter()
     steps = compile_steps(model_def, tx, state, config, mesh)
     compile_s = time.perf_counter() - start
-    print(f"compiled the train and eval steps for {device} in {compile_s:.1f} s; "
+    distributed.barrier("compiled")
+    _log(f"compiled the train and eval steps for {device} in {compile_s:.1f} s; "
           f"{len(train_split)} train / {len(test_split)} test examples, {steps_per_epoch} steps per epoch")
 
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
         state, train_metrics = train_epoch(steps, state, train_split, config, epoch)
         train_s = time.perf_counter() - start
-        test_metrics = evaluate(steps, state, test_split, exact, config.batch_size)
+        test_metrics = evaluate(steps, state, test_split, exact)
         epoch_s = time.perf_counter() - start
         history.append({
             "epoch": epoch, **train_metrics, **test_metrics,
@@ -614,14 +635,17 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
             "images_per_s": steps_per_epoch * config.batch_size / train_s,
             "train_s": train_s, "eval_s": epoch_s - train_s, "epoch_s": epoch_s,
         })
-        _print_epoch(history[-1])
+        # Every process takes part in the save; orbax writes each one's files.
         manager.save(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({"epoch": epoch, "config": dataclasses.asdict(config), "history": history}),
         ))
-        # Rewritten whole from the history, so a resumed run never duplicates lines.
-        (workdir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
-        plots.plot_history(history, workdir, f_tol=config.f_tol, b_tol=config.b_tol)
+        if distributed.is_primary():
+            _print_epoch(history[-1])
+            # Rewritten whole from the history, so a resumed run never duplicates lines.
+            (workdir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+            plots.plot_history(history, workdir, f_tol=config.f_tol, b_tol=config.b_tol)
+        distributed.barrier(f"epoch {epoch} written")
     manager.wait_until_finished()
 
     last = history[-1]
@@ -635,6 +659,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
         "images_per_s": len(history) * steps_per_epoch * config.batch_size / train_s,
         "compile_s": compile_s, "device": device, "config": dataclasses.asdict(config),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    if distributed.is_primary():
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     return summary
