@@ -205,6 +205,28 @@ def test_epoch_batches_drop_remainder_and_order():
     assert ordered.tolist() == list(range(103))
 
 
+def test_epoch_batches_rows_are_each_process_share_of_the_same_batches():
+    s = _split(103)
+    whole = list(ip.epoch_batches(s, 10, rng=np.random.default_rng(2), drop_remainder=False))
+    shares = [list(ip.epoch_batches(s, 10, rng=np.random.default_rng(2), drop_remainder=False, rows=rows))
+              for rows in (slice(0, 4), slice(4, 8), slice(8, 10))]
+    for i, (images, labels) in enumerate(whole):
+        assert np.array_equal(np.concatenate([share[i][1] for share in shares]), labels)
+        assert np.array_equal(np.concatenate([share[i][0] for share in shares]), images)
+    assert [len(share[-1][1]) for share in shares] == [3, 0, 0]  # the short last batch's rows 0..2
+
+
+def test_augment_of_rows_is_those_rows_of_the_whole_batch_augmented():
+    images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    whole = ip.augment(images, np.random.default_rng(3))
+    rows = slice(4, 8)
+    part = ip.augment(images[rows], np.random.default_rng(3), rows=rows, batch_size=12)
+    assert np.array_equal(part, whole[rows])
+    assert not np.array_equal(part, ip.augment(images[rows], np.random.default_rng(3)))
+    with pytest.raises(ValueError, match="are not the rows"):
+        ip.augment(images[:3], np.random.default_rng(3), rows=rows, batch_size=12)
+
+
 def test_pad_batch():
     images, labels = _split(3).images, np.array([4, 5, 6], np.int32)
     padded, plabels, mask = ip.pad_batch(images, labels, 5)
