@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.Config, str, distri
     add = parser.add_argument
     add("--workdir", required=True, help="output folder: metrics, summary, plots, checkpoints")
     add("--data-dir", help="TFDS data dir holding cifar10 (default: TFDS's own), or a folder of "
-        "train.npz/test.npz written by experiments.cifar10.export_npz")
+        "the <split>-NNNNN-of-NNNNN.npz parts written by experiments.cifar10.export_npz")
     add("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training set (%(default)s)")
     add("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch, split over devices (%(default)s)")
     add("--lr", type=float, default=DEFAULTS.lr, help="initial Adam rate, cosine decay to 1e-6 (%(default)s)")

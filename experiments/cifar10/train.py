@@ -55,7 +55,8 @@ class Config:
     """Everything a run depends on, one field per command-line flag; the defaults are the chapter's.
 
     Attributes:
-      data_dir: a TFDS data dir holding ``cifar10``; None uses TFDS's default.
+      data_dir: a TFDS data dir holding ``cifar10``, or a folder of ``export_npz`` parts; None
+        uses TFDS's default.
       epochs: passes over the training set.
       batch_size: global batch, split evenly over the devices (train and eval).
       lr: Adam's initial learning rate; it decays to ``END_LR`` along a cosine over all steps.
