@@ -1,6 +1,9 @@
 """Every benchmark runs in quick mode and produces a sane table (never an assertion on time)."""
+import json
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments.benchmarks import __main__ as run_all
@@ -47,18 +50,91 @@ def test_solver_overhead():
         assert positive(r["ratio"]) and positive(r["bare_ratio"])
 
 
-def test_vs_pytorch():
-    result = vs_pytorch.run(quick=True)
-    check_table(result, columns=8)
+def test_vs_pytorch(tmp_path):
+    path = tmp_path / "q2.json"
+    result = vs_pytorch.main(["--quick", "--json", str(path)])
+    check_table(result, columns=9)
+    dtypes = ("", ", bfloat16") if common.model_takes_dtype() else ("",)
+    training = [f"training step, batch 4, {conv}{dtype}" for dtype in dtypes for conv in common.CONVS]
     assert [r["workload"] for r in result.rows] == [
         "forward solve, Anderson", "forward solve, forward iteration", "DEQ layer forward + backward (beta=2)",
-        "training step, batch 4"]
+        *training]
+    assert ("bfloat16 training step skipped" in result.markdown()) == (len(dtypes) == 1)
     has_torch = common.load_reference() is not None
     for r in result.rows:
         assert positive(r["deq_jax_s"]) and r["deq_jax_evals"]
         assert (positive(r["ratio"]) and positive(r["torch_s"]) and r["torch_evals"]) if has_torch else r["ratio"] is None
+    for r in result.rows[3:]:
+        assert r["deq_jax_images_per_s"] == pytest.approx(4 / r["deq_jax_s"])
+    # Both convolution forms train the same weights on the same batches: the same solver steps.
+    assert result.rows[3]["deq_jax_evals"] == result.rows[4]["deq_jax_evals"]
     if has_torch:  # the same weights and inputs give the same gradient, to solver tolerance
         assert float(result.rows[2]["note"].split()[-1]) < 1e-2
+    record = json.loads(path.read_text())
+    assert record["rows"] == json.loads(json.dumps(result.rows)) and record["devices"] == common.devices()
+
+
+def test_vs_pytorch_flags(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(vs_pytorch, "run", lambda quick, repeats, **flags: calls.append((quick, repeats, flags)) or
+                        common.Result("t", "| a |\n|---|", [{"a": 1}], [], ((0, 0, 0), (0, 0, 0))))
+    vs_pytorch.main(["--repeats", "3", "--batches", "100", "512", "--workloads", "train", "--dtypes", "bfloat16",
+                     "--json", str(tmp_path / "out.json")])
+    assert calls == [(False, 3, {"batches": [100, 512], "dtypes": ["bfloat16"], "workloads": ["train"]})]
+    assert json.loads((tmp_path / "out.json").read_text())["rows"] == [{"a": 1}]
+
+
+def test_devices_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("JAX is not on the CPU here")
+    torch = pytest.importorskip("torch")
+    cpu = f"cpu ({common.cpu_model()})"
+    assert common.cpu_model()
+    assert common.jax_device_name() == cpu
+    expected = cpu if not torch.cuda.is_available() else f"cuda {torch.cuda.get_device_name()}"
+    assert common.devices() == f"JAX: {cpu} / torch: {expected}"
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """PyTorch believing CUDA is there; ``torch.cuda.synchronize()`` appends 'sync' to the returned list."""
+    torch = pytest.importorskip("torch")
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: events.append("sync"))
+    return events
+
+
+def test_devices_names_cuda(fake_cuda):
+    assert common.torch_device().type == "cuda"
+    assert common.devices().endswith(" / torch: cuda Fake GPU")
+
+
+def test_torch_side_synchronizes_on_cuda(fake_cuda):
+    contenders = vs_pytorch.torch_contenders(lambda: fake_cuda.append("work") or "out", quick=False)
+    assert list(contenders) == ["PyTorch cuda"]  # no CPU thread settings on CUDA
+    timed = contenders["PyTorch cuda"]
+    assert [timed(), timed()] == ["out", "out"]
+    assert fake_cuda == ["work", "sync", "work", "sync"]  # the timer stops after the device has finished
+
+
+def test_torch_side_on_cpu_does_not_synchronize(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: pytest.fail("synchronize on the CPU"))
+    fn = lambda: "out"
+    assert common.torch_synchronized(fn) is fn
+    threads = common.cpu_threads()
+    assert set(vs_pytorch.torch_contenders(fn, quick=False)) == {f"PyTorch {threads}t", "PyTorch 1t"}
+
+
+@pytest.mark.parametrize("conv", list(common.CONVS))
+def test_cell_with_conv(conv):
+    cell, _, _, x, _ = common.cell_problem(8, 16, 2, 5)
+    new = common.cell_with_conv(cell, conv)
+    assert new.conv1.conv_general_dilated is common.CONVS[conv] and new.conv2.conv_general_dilated is common.CONVS[conv]
+    assert jnp.allclose(new(x, x), cell(x, x), atol=1e-6)
 
 
 def test_vs_jax_peers():

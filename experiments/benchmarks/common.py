@@ -3,7 +3,14 @@
 Timings on a shared machine drift with the load other processes put on it, so a
 benchmark never compares numbers taken at different moments: the contenders run
 in alternation, one call each per round, and each reports the median over rounds
-(:func:`interleaved`); every table records the load average while it ran.
+(:func:`interleaved`); every table records the load average while it ran and the
+device each framework ran on (:func:`devices`).
+
+JAX runs on its default device; PyTorch on CUDA when ``torch.cuda.is_available()``
+(:func:`torch_device`), else on the CPU. Both frameworks return before the device
+has finished (JAX dispatches asynchronously, CUDA kernels are queued), so every
+timed callable waits for its results: :func:`block` for JAX, :func:`torch_synchronized`
+for PyTorch.
 """
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
+import inspect
+import json
 import math
 import os
 import platform
@@ -54,42 +63,118 @@ class Result:
         lines += [f"- {note}" for note in self.notes]
         lines.append(f"- load average (1/5/15 min): {b1:.2f}/{b5:.2f}/{b15:.2f} before, "
                      f"{a1:.2f}/{a5:.2f}/{a15:.2f} after; {environment()}")
+        lines.append(f"- devices: {devices()}")
         return "\n".join(lines)
+
+    def write_json(self, path: str | Path) -> None:
+        """Writes the title, rows, notes, load, software and devices to ``path`` as JSON."""
+        record = {**dataclasses.asdict(self), "environment": environment(), "devices": devices()}
+        # Rows hold numpy scalars from the measurements; .item() makes them JSON numbers.
+        Path(path).write_text(json.dumps(record, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def environment() -> str:
-    """The software and the machine a table was measured on, in one line."""
+    """The software and the machine's CPU cores a table was measured on, in one line."""
     versions = f"jax {jax.__version__} ({jax.default_backend()}), flax {flax.__version__}"
-    torch = importlib.util.find_spec("torch")
-    if torch is not None:
-        import torch as _torch
+    if importlib.util.find_spec("torch") is not None:
+        import torch
 
-        versions += f", torch {_torch.__version__} ({_torch.get_num_threads()} threads)"
-    return f"{versions}; {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
+        versions += f", torch {torch.__version__}"
+    return f"{versions}; {os.cpu_count()} CPU cores"
 
 
-def parse_args(description: str, argv=None) -> argparse.Namespace:
-    """The flags every benchmark takes: ``--quick`` (tiny sizes) and ``--repeats``."""
-    parser = argparse.ArgumentParser(description=description)
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def jax_device_name() -> str:
+    """JAX's default device, e.g. ``'cuda:0 NVIDIA H100 80GB HBM3'`` or ``'cpu (AMD EPYC 7B13)'``."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"cpu ({cpu_model()})"
+    return f"{device} {device.device_kind}"
+
+
+def torch_device():
+    """The ``torch.device`` the PyTorch side runs on: CUDA when available, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_device_name() -> str:
+    """PyTorch's device, e.g. ``'cuda NVIDIA H100 80GB HBM3'`` or ``'cpu (AMD EPYC 7B13)'``."""
+    import torch
+
+    if torch_device().type == "cuda":
+        return f"cuda {torch.cuda.get_device_name()}"
+    return f"cpu ({cpu_model()})"
+
+
+def devices() -> str:
+    """Each framework's device in one line: ``'JAX: <device> / torch: <device>'`` (no torch part without torch)."""
+    line = f"JAX: {jax_device_name()}"
+    if importlib.util.find_spec("torch") is not None:
+        line += f" / torch: {torch_device_name()}"
+    return line
+
+
+def torch_synchronized(fn: Callable) -> Callable:
+    """``fn`` followed by ``torch.cuda.synchronize()`` when PyTorch runs on CUDA.
+
+    CUDA kernels run asynchronously: without the synchronisation a timer around the
+    call would stop when the work is queued, not done. On the CPU ``fn`` is returned as is.
+    """
+    import torch
+
+    if torch_device().type != "cuda":
+        return fn
+
+    def call(*args):
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+
+    return call
+
+
+def parse_args(description: str, argv=None, add_flags: Callable | None = None) -> argparse.Namespace:
+    """The flags every benchmark takes (``--quick``, ``--repeats``, ``--json``) and those ``add_flags(parser)`` adds."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures nothing")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 5, quick: 2)")
+    parser.add_argument("--json", metavar="PATH", help="also write the result (rows, notes, devices) to PATH as JSON")
+    if add_flags is not None:
+        add_flags(parser)
     return parser.parse_args(argv)
 
 
-def cli(run, doc: str, argv=None) -> "Result":
-    """One benchmark's command line: parses ``--quick``/``--repeats``, runs it, prints its table.
+def cli(run, doc: str, argv=None, add_flags: Callable | None = None) -> "Result":
+    """One benchmark's command line: parses the flags, runs it, prints its table (and writes ``--json``).
 
     Args:
-      run: the benchmark's ``run(quick, repeats) -> Result``.
+      run: the benchmark's ``run(quick, repeats, **flags) -> Result``; ``flags`` are
+        those ``add_flags`` defines, by their argparse names.
       doc: its module docstring, for ``--help``.
       argv: arguments; ``sys.argv[1:]`` if None.
+      add_flags: adds the benchmark's own flags to the parser.
 
     Returns:
       The :class:`Result`.
     """
-    flags = parse_args(doc, argv)
-    result = run(flags.quick, flags.repeats)
+    flags = vars(parse_args(doc, argv, add_flags))
+    quick, repeats, json_path = flags.pop("quick"), flags.pop("repeats"), flags.pop("json")
+    result = run(quick, repeats, **flags)
     print(result.markdown())
+    if json_path:
+        result.write_json(json_path)
     return result
 
 
@@ -99,7 +184,7 @@ def repeats_or_default(repeats: int | None, quick: bool) -> int:
 
 
 def block(tree):
-    """Waits for every array in ``tree`` (JAX dispatches asynchronously)."""
+    """Waits for every array in ``tree``, a pytree of any nesting (JAX dispatches asynchronously)."""
     return jax.block_until_ready(tree)
 
 
@@ -110,7 +195,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: bool = 
     so drifting machine load hits all of them alike.
 
     Args:
-      fns: name -> a callable that runs to completion (block on JAX results inside it).
+      fns: name -> a callable that runs to completion: JAX results blocked inside it
+        (:func:`block`), PyTorch ones synchronised (:func:`torch_synchronized`).
       repeats: rounds.
       warmup: call each once, untimed, first (compilation, caches).
 
@@ -172,20 +258,25 @@ def load_reference():
     return module
 
 
+def cpu_threads() -> int:
+    """Threads XLA:CPU uses: one per core."""
+    return os.cpu_count() or 1
+
+
 def set_torch_threads() -> int:
-    """Gives PyTorch as many threads as XLA:CPU uses (one per core) and returns the number."""
+    """Gives PyTorch on the CPU as many threads as XLA:CPU uses and returns the number."""
     import torch
 
-    threads = os.cpu_count() or 1
+    threads = cpu_threads()
     torch.set_num_threads(threads)
     return threads
 
 
 def nchw(a):
-    """A torch tensor holding the NHWC array ``a`` as NCHW."""
+    """A torch tensor on :func:`torch_device` holding the NHWC array ``a`` as NCHW."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2))).to(torch_device())
 
 
 def conv_weight(kernel):
@@ -208,11 +299,11 @@ def cell_state_dict(cell: dj.nn.ResNetCell, prefix: str = "") -> dict:
 
 
 def torch_cell(ref, cell: dj.nn.ResNetCell):
-    """The chapter's ``ResNetLayer`` with ``cell``'s weights (strict loading: names must match)."""
+    """The chapter's ``ResNetLayer`` with ``cell``'s weights (strict loading: names must match), on :func:`torch_device`."""
     channels, inner = cell.conv1.in_features, cell.conv1.out_features
     layer = ref.ResNetLayer(channels, inner, num_groups=cell.norm1.num_groups)
     layer.load_state_dict(cell_state_dict(cell), strict=True)
-    return layer
+    return layer.to(torch_device())
 
 
 def relative_diff(a, b) -> float:
@@ -273,37 +364,80 @@ def cifar_batches(batch_size: int, count: int, seed: int = 0) -> tuple[list[tupl
     return batches, source
 
 
-def cifar_train_step(batch_size: int, seed: int = 0):
+# The two forms of the cell's convolution: loop_friendly_conv works around XLA:CPU's slow
+# input gradient of a convolution inside lax.while_loop; on GPUs cuDNN may prefer the plain one.
+CONVS = {"loop_friendly_conv": dj.nn.cell.loop_friendly_conv, "lax.conv_general_dilated": jax.lax.conv_general_dilated}
+
+
+def cifar_train_step(batch_size: int, seed: int = 0, conv: str | None = None, dtype: str | None = None):
     """The CIFAR-10 experiment's model, a fresh state and its jitted ``train_step``.
 
-    The compiled step is cached per batch size (benchmarks share it); the state is
+    The compiled step is cached per argument set (benchmarks share it); the state is
     new on every call, since the step donates (consumes) the state it is given.
 
     Args:
       batch_size: the batch the step is compiled for.
       seed: initial weights.
+      conv: a key of ``CONVS``: the cell's convolutions call it (:func:`cell_with_conv`);
+        None keeps the experiment's model as it is.
+      dtype: the model's computation dtype (e.g. ``'bfloat16'``), for a ``CifarDEQ``
+        that takes one (:func:`model_takes_dtype`); None keeps the model's default.
 
     Returns:
       ``(model_def, state, step)``: ``step(state, images, labels) -> (state, metrics)``,
-      compiled ahead of time with the experiment's default ``Config`` (the chapter's settings).
+      compiled ahead of time with the experiment's default ``Config`` (the chapter's settings);
+      the weights are the same for every ``conv`` and ``dtype``.
     """
-    model_def, state, _, _ = _fresh_train_state(batch_size, seed)
-    return model_def, state, _compiled_train_step(batch_size, seed)
+    model_def, state, _, _ = _fresh_train_state(batch_size, seed, conv, dtype)
+    return model_def, state, _compiled_train_step(batch_size, seed, conv, dtype)
 
 
-def _fresh_train_state(batch_size: int, seed: int):
+def model_takes_dtype() -> bool:
+    """Whether the experiment's ``CifarDEQ`` has a ``dtype`` parameter (mixed precision)."""
+    from experiments.cifar10.model import CifarDEQ
+
+    # __init__'s, not the class's: NNX's metaclass gives the class itself a (*args, **kwargs) signature.
+    return "dtype" in inspect.signature(CifarDEQ.__init__).parameters
+
+
+def cell_with_conv(cell: dj.nn.ResNetCell, conv: str) -> dj.nn.ResNetCell:
+    """A ``ResNetCell`` like ``cell`` (same weights, sizes, dtypes; no weight norm) built with ``CONVS[conv]``."""
+    conv1 = cell.conv1
+    new = dj.nn.ResNetCell(conv1.in_features, conv1.out_features, conv1.kernel_size[0], cell.norm1.num_groups,
+                           dtype=conv1.dtype, param_dtype=conv1.param_dtype, conv_general_dilated=CONVS[conv],
+                           rngs=nnx.Rngs(0))
+    nnx.update(new, nnx.state(cell))
+    return new
+
+
+def _fresh_train_state(batch_size: int, seed: int, conv: str | None, dtype: str | None):
     from experiments.cifar10 import train
+    from experiments.cifar10.model import CifarDEQ
 
     config = train.Config(batch_size=batch_size, seed=seed)
     model_def, state, tx, _ = train.init_state(config, total_steps=1000)
-    return model_def, state, tx, config
+    if conv is None and dtype is None:
+        return model_def, state, tx, config
+    model = model_def.merge(state["params"], state["batch_stats"])
+    if dtype is not None:
+        solver, gradient = config.solver_and_gradient()
+        typed = CifarDEQ(solver=solver, gradient=gradient, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
+        nnx.update(typed, *nnx.state(model, nnx.Param, nnx.BatchStat))
+        model = typed
+    if conv is not None:
+        model.deq.cell = cell_with_conv(model.deq.cell, conv)
+    graphdef, params, batch_stats, probe, scratch = nnx.split(
+        model, nnx.Param, nnx.BatchStat, dj.nn.BackwardStatsProbe, ...)
+    # Same parameter tree as init_state's, so its optimizer state still fits.
+    state = {**state, "params": params, "batch_stats": batch_stats}
+    return train.ModelDef(graphdef, probe, scratch), state, tx, config
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_train_step(batch_size: int, seed: int):
+def _compiled_train_step(batch_size: int, seed: int, conv: str | None, dtype: str | None):
     from experiments.cifar10 import train
 
-    model_def, state, tx, config = _fresh_train_state(batch_size, seed)
+    model_def, state, tx, config = _fresh_train_state(batch_size, seed, conv, dtype)
     step = jax.jit(functools.partial(train.train_step, model_def=model_def, tx=tx, config=config), donate_argnums=0)
     images = jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.uint8)
     labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)

@@ -18,7 +18,10 @@ Two measures, both per contender and N:
     before it, i.e. the extra resident memory the call needed, whatever allocated it
     (XLA, PyTorch, Python). The first call, because allocators keep memory resident
     afterwards: XLA:CPU's scratch buffer stays mapped (a second call needs ~0 new MB)
-    while PyTorch returns large tensors to the OS. Linux only; n/a elsewhere.
+    while PyTorch returns large tensors to the OS. Linux only; n/a elsewhere. On an
+    accelerator (JAX's default device, PyTorch on CUDA when available) the peak is of
+    device memory instead: JAX's ``memory_stats()`` peak minus bytes in use before,
+    PyTorch's ``max_memory_allocated()`` minus ``memory_allocated()`` before.
 
 It takes ~23 minutes on 2 CPU cores, nearly all in the unrolled baseline: its backward
 pass needs the convolutions' kernel gradients inside a loop, which XLA:CPU runs slowly
@@ -71,6 +74,41 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def rss_peak_mb(call) -> float | None:
+    """Extra resident memory (MB) of ``call()``: peak RSS during it minus RSS before; None off Linux."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kb("VmRSS")
+    except OSError:
+        call()
+        return None
+    call()
+    return (_status_kb("VmHWM") - before) * 1024 / MB
+
+
+def jax_device_peak_mb(call) -> float:
+    """Extra accelerator memory (MB) of ``call()``: the device's peak bytes in use minus those in use before.
+
+    The peak counter cannot be reset, so this relies on running in a fresh process
+    whose setup needed less memory than the call.
+    """
+    device = jax.devices()[0]
+    before = device.memory_stats()["bytes_in_use"]
+    call()
+    return (device.memory_stats()["peak_bytes_in_use"] - before) / MB
+
+
+def torch_cuda_peak_mb(call) -> float:
+    """Extra CUDA memory (MB) PyTorch's tensors needed during ``call()``."""
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / MB
+
+
 def measure(kind: str, n: int, sizes) -> dict:
     """Both measures of one contender, in this process.
 
@@ -80,8 +118,9 @@ def measure(kind: str, n: int, sizes) -> dict:
       sizes: ``(channels, inner, batch, size)``.
 
     Returns:
-      ``{"temp_mb": XLA temp (None for torch), "peak_mb": extra resident MB of the first
-      forward + backward (None off Linux, or for torch without the chapter's code)}``.
+      ``{"temp_mb": XLA temp (None for torch), "peak_mb": extra MB of the first forward +
+      backward: resident memory on the CPU (None off Linux), device memory on an
+      accelerator (None for torch without the chapter's code)}``.
     """
     cell, f, params, x, w = common.cell_problem(*sizes)
     temp_mb = None
@@ -91,27 +130,26 @@ def measure(kind: str, n: int, sizes) -> dict:
             return {"temp_mb": None, "peak_mb": None}
         import torch
 
-        torch.set_num_threads(1)  # as fast as 2 here (see vs_pytorch); memory does not depend on it
+        on_cuda = common.torch_device().type == "cuda"
+        if not on_cuda:
+            torch.set_num_threads(1)  # as fast as 2 here (see vs_pytorch); memory does not depend on it
         deq = ref.DEQFixedPoint(common.torch_cell(ref, cell), ref.anderson, tol=1e-30, max_iter=n, m=5)
         xt, wt = common.nchw(x), common.nchw(w)
 
         def call():
             xg = xt.clone().requires_grad_()
             (deq(xg) * wt).sum().backward()
+
+        peak = torch_cuda_peak_mb if on_cuda else rss_peak_mb
     else:
         grad = jax.jit(jax.grad(jax_loss(kind, n, f, w))).lower((params, x)).compile()
         temp_mb = grad.memory_analysis().temp_size_in_bytes / MB
 
         def call():
             common.block(grad((params, x)))
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kb("VmRSS")
-    except OSError:
-        call()
-        return {"temp_mb": temp_mb, "peak_mb": None}
-    call()
-    return {"temp_mb": temp_mb, "peak_mb": (_status_kb("VmHWM") - before) * 1024 / MB}
+
+        peak = rss_peak_mb if jax.devices()[0].platform == "cpu" else jax_device_peak_mb
+    return {"temp_mb": temp_mb, "peak_mb": peak(call)}
 
 
 def child_main(argv) -> None:
@@ -149,8 +187,8 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
             m = measure(kind, n, sizes["cell"]) if quick else measure_in_subprocess(kind, n, sizes["cell"])
             r[f"{kind}_temp_mb"], r[f"{kind}_peak_mb"] = m["temp_mb"], m["peak_mb"]
         rows.append(r)
-    header = ["max_iter", "deq_jax: XLA temp (MB)", "unrolled: XLA temp (MB)", "deq_jax: peak RSS +MB",
-              "unrolled: peak RSS +MB", "PyTorch (chapter): peak RSS +MB"]
+    header = ["max_iter", "deq_jax: XLA temp (MB)", "unrolled: XLA temp (MB)", "deq_jax: peak +MB",
+              "unrolled: peak +MB", "PyTorch (chapter): peak +MB"]
     table = common.markdown_table(header, [
         [r["max_iter"], f"{r['deq_jax_temp_mb']:.1f}", f"{r['unrolled_temp_mb']:.1f}", mb(r["deq_jax_peak_mb"]),
          mb(r["unrolled_peak_mb"]), mb(r["torch_peak_mb"])] for r in rows])
@@ -162,9 +200,11 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
         "XLA temp: compiled.memory_analysis().temp_size_in_bytes of jit(grad(loss)), i.e. XLA's scratch "
         "allocation for all intermediates (the 5-slot Anderson history, the backward solve, the stored steps of "
         "the unrolled scan); arguments and outputs excluded.",
-        "peak RSS +MB: peak resident memory during the first forward + backward (JAX: compiled before) minus the "
-        "resident memory just before it, " + ("in this process (quick mode)" if quick else "each in a fresh subprocess") +
-        "; includes whatever the framework allocates (XLA buffers, PyTorch tensors and autograd graph).",
+        "peak +MB: on the CPU, peak resident memory during the first forward + backward (JAX: compiled before) "
+        "minus the resident memory just before it, including whatever the framework allocates (XLA buffers, "
+        "PyTorch tensors and autograd graph); on an accelerator, device memory (JAX: the device's "
+        "peak_bytes_in_use minus bytes_in_use before; PyTorch: torch.cuda.max_memory_allocated minus "
+        "memory_allocated before); " + ("in this process (quick mode)" if quick else "each in a fresh subprocess") + ".",
     ]
     if not torch_ok:
         notes.append("PyTorch or the chapter's code not found: no PyTorch column.")

@@ -8,7 +8,11 @@ median over rounds that alternate the contenders:
   - the VJP w.r.t. the input of a 3x3 convolution (64 -> 48 channels, the cell's
     conv2; its 64-channel result is cut to 48 to loop): ``lax.conv_general_dilated``
     against ``deq_jax.nn.cell.loop_friendly_conv``;
-  - the whole ``ResNetCell(48, 64)``, forward and VJP w.r.t. ``z``.
+  - the whole ``ResNetCell(48, 64)``, forward and VJP w.r.t. ``z``, built with each
+    of those two convolutions (``common.CONVS``; same weights): the VJP is a backward
+    solve's step, so this row says which form a training step on this device wants.
+
+Every contender runs on JAX's default device and blocks on its result.
 
 Usage:
   python -m experiments.benchmarks.ops [--quick] [--repeats N]
@@ -23,8 +27,6 @@ from flax import nnx
 from jax import lax
 
 import deq_jax as dj
-from deq_jax.nn.cell import loop_friendly_conv
-
 from . import common
 
 BATCH = {"full": 100, "quick": 2}
@@ -58,16 +60,15 @@ def contenders(batch: int) -> dict[str, dict[str, Callable[[], object]]]:
     def conv(conv_fn):
         return lambda v: conv_fn(v, kernel, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    cell = dj.nn.ResNetCell(48, 64, rngs=nnx.Rngs(0))
+    cells = {name: dj.nn.ResNetCell(48, 64, conv_general_dilated=conv_fn, rngs=nnx.Rngs(0))
+             for name, conv_fn in common.CONVS.items()}
     return {
         "GroupNorm forward": {"nnx.GroupNorm": in_loop(theirs, h), "dj.nn.GroupNorm": in_loop(ours, h)},
         "GroupNorm VJP": {"nnx.GroupNorm": vjp_in_loop(theirs, h, h), "dj.nn.GroupNorm": vjp_in_loop(ours, h, h)},
-        "conv 64->48 input VJP": {
-            name: vjp_in_loop(conv(conv_fn), h, z, fit=lambda v: v[..., :48])
-            for name, conv_fn in (("lax.conv_general_dilated", lax.conv_general_dilated),
-                                  ("loop_friendly_conv", loop_friendly_conv))},
-        "ResNetCell(48,64) forward": {"deq_jax": in_loop(lambda v: cell(v, x), z)},
-        "ResNetCell(48,64) VJP": {"deq_jax": vjp_in_loop(lambda v: cell(v, x), z, z)},
+        "conv 64->48 input VJP": {name: vjp_in_loop(conv(conv_fn), h, z, fit=lambda v: v[..., :48])
+                                  for name, conv_fn in common.CONVS.items()},
+        "ResNetCell(48,64) forward": {name: in_loop(lambda v, c=cell: c(v, x), z) for name, cell in cells.items()},
+        "ResNetCell(48,64) VJP": {name: vjp_in_loop(lambda v, c=cell: c(v, x), z, z) for name, cell in cells.items()},
     }
 
 

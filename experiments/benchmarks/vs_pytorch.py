@@ -11,19 +11,27 @@ Three workloads, each run back to back (alternating, median over rounds):
      ``dj.fixed_point`` (jitted);
   3. one training step of the chapter's CIFAR-10 model (Adam, cross-entropy, the
      chapter's solver settings: Anderson m=5, tol 1e-2, max_iter 25 forward and
-     backward) at batch 32 and 100 on CIFAR-10 training images:
+     backward) at batch 32 and 100 (``--batches``) on CIFAR-10 training images:
      ``make_cifar_model()`` + ``optim.Adam`` against the experiment's jitted
-     ``train_step``, both starting from the same weights and training on the same batches.
+     ``train_step``, all starting from the same weights and training on the same
+     batches. deq_jax runs once per form of the cell's convolution
+     (``loop_friendly_conv``, ``lax.conv_general_dilated``; ``common.CONVS``) and, where
+     the experiment's ``CifarDEQ`` takes a ``dtype``, also in bfloat16 (``--dtypes``),
+     all in the same interleaved rounds, so one run says which form is faster.
 
 Weights are copied from JAX to PyTorch (HWIO -> OIHW kernels, GroupNorm/BatchNorm
 scale/bias -> weight/bias, the linear layer's inputs reordered from HWC to CHW) and
-inputs go NHWC -> NCHW. PyTorch runs with one thread per core and with one thread;
-the ratio uses its faster setting.
+inputs go NHWC -> NCHW. JAX runs on its default device, PyTorch on CUDA when
+available (synchronised inside every timed call), else on the CPU with one thread
+per core and with one thread; the ratio uses its faster setting.
 
 Usage:
-  python -m experiments.benchmarks.vs_pytorch [--quick] [--repeats N]
+  python -m experiments.benchmarks.vs_pytorch [--quick] [--repeats N] [--batches B ...]
+      [--dtypes float32 bfloat16] [--workloads solve layer train] [--json PATH]
 """
 from __future__ import annotations
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +52,8 @@ SIZES = {
     "quick": {"cell": (8, 16, 2, 8), "batches": (4,)},
 }
 TOL = 1e-4
+WORKLOADS = ("solve", "layer", "train")
+DTYPES = ("float32", "bfloat16")
 
 
 def forward_solves(ref, sizes, repeats, quick) -> list[dict]:
@@ -73,7 +83,8 @@ def forward_solves(ref, sizes, repeats, quick) -> list[dict]:
             torch_evals = len(chapter()[1]) + first[name]
             fns.update(torch_contenders(chapter, quick))
         times = common.interleaved(fns, repeats)
-        rows.append(row(f"forward solve, {name}", times, int(np.max(sol.num_steps)), torch_evals))
+        rows.append(row(f"forward solve, {name}", times.pop("deq_jax"), times, int(np.max(sol.num_steps)),
+                        torch_evals))
     return rows
 
 
@@ -109,10 +120,10 @@ def deq_layer(ref, sizes, repeats, quick) -> list[dict]:
         out, x_grad = chapter()
         # The chapter's layer: solver + 2 f (re-engaging the tape, f0); backward: one VJP per step.
         torch_evals = f"{len(deq.forward_res) + 2} f + 2 f, {len(deq.backward_res) + 2} VJP"
-        agreement = common.relative_diff(args_bar[1], x_grad.numpy().transpose(0, 2, 3, 1))
+        agreement = common.relative_diff(args_bar[1], x_grad.cpu().numpy().transpose(0, 2, 3, 1))
         fns.update(torch_contenders(chapter, quick))
     times = common.interleaved(fns, repeats)
-    r = row("DEQ layer forward + backward (beta=2)", times, ours_evals, torch_evals)
+    r = row("DEQ layer forward + backward (beta=2)", times.pop("deq_jax"), times, ours_evals, torch_evals)
     r["note"] = "" if agreement is None else f"dL/dx rel. diff {agreement:.1e}"
     return [r]
 
@@ -136,51 +147,87 @@ def torch_cifar_model(ref, model_def, state):
         kernel.reshape(side, side, channels, -1).transpose(3, 2, 0, 1).reshape(kernel.shape[1], -1)))
     sd["6.bias"] = torch.from_numpy(np.array(model.head.bias[...]))
     net.load_state_dict(sd, strict=True)
-    return net
+    return net.to(common.torch_device())
 
 
-def training_steps(ref, batch_size, repeats, quick) -> list[dict]:
-    """Workload 3: optimizer steps of the CIFAR-10 model, both frameworks from the same weights.
+def training_steps(ref, batch_size, repeats, quick, dtypes) -> list[dict]:
+    """Workload 3: optimizer steps of the CIFAR-10 model, every contender from the same weights.
 
     Every contender trains on the same sequence of batches (its warm-up call on the
     first, round r on batch r + 1), as training would: a step on one batch over and over
-    overfits it and drifts into harder fixed points than training meets.
+    overfits it and drifts into harder fixed points than training meets. One row per
+    deq_jax variant (convolution form x dtype), each against the same PyTorch times.
     """
-    model_def, state, step = common.cifar_train_step(batch_size)
     batches, source = common.cifar_batches(batch_size, repeats + 1)
-    ours = {"state": state, "evals": []}
+    # float32 is the model's own default: no dtype argument, so it runs whether or not CifarDEQ takes one.
+    variants = {variant_name(conv, dtype): common.cifar_train_step(
+        batch_size, conv=conv, dtype=None if dtype == "float32" else dtype) for dtype in dtypes for conv in common.CONVS}
+    fns, histories, torch_history = {}, {}, None
+    if ref is not None:  # built before any step runs: the steps donate (delete) the states they are given
+        model_def, state, _ = next(iter(variants.values()))
+        torch_fns, torch_history = torch_training(ref, model_def, state, batches, quick)
+        fns.update(torch_fns)
+    for name, (_, state, step) in variants.items():
+        fns[name], histories[name] = jax_training(step, state, batches)
+    times = common.interleaved(fns, repeats)
+    torch_times = {k: v for k, v in times.items() if k.startswith("PyTorch")}
+    first = next(iter(variants))
+    rows = []
+    for name, history in histories.items():
+        r = row(f"training step, batch {batch_size}, {name}", times[name], torch_times, evals(history, 1),
+                None if torch_history is None else evals(torch_history, 2), batch_size)
+        r["vs_first"] = times[name] / times[first]
+        r["note"] = source if name == first else f"{r['vs_first']:.2f}x the time of {first}"
+        rows.append(r)
+    return rows
+
+
+def variant_name(conv: str, dtype: str) -> str:
+    """A deq_jax training-step variant's name: the convolution form, and the dtype unless float32."""
+    return conv if dtype == "float32" else f"{conv}, {dtype}"
+
+
+def jax_training(step, state, batches):
+    """A deq_jax contender training from ``state`` on ``batches``, and its list of (fwd, bwd) solver steps."""
+    ours = {"state": state}
+    history = []
 
     def jax_step(images, labels):
-        ours["state"], metrics = step(ours["state"], images, labels)
+        # Block on the new state as well as the metrics: the timed call covers the whole step.
+        ours["state"], metrics = common.block(step(ours["state"], images, labels))
         metrics = jax.device_get(metrics)
-        ours["evals"].append((metrics["fwd_steps_max"], metrics["bwd_steps_max"]))
+        history.append((metrics["fwd_steps_max"], metrics["bwd_steps_max"]))
 
-    fns = {"deq_jax": on_batches(jax_step, batches)}
-    theirs = {"evals": []}
-    if ref is not None:
-        net = torch_cifar_model(ref, model_def, state)
-        net.train()
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        deq = net[2]
+    return on_batches(jax_step, batches), history
 
-        def torch_step(images, labels):
-            opt.zero_grad()
-            logits = net(common.nchw(normalize(images)))
-            torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels.astype(np.int64))).backward()
-            opt.step()
-            theirs["evals"].append((len(deq.forward_res) + 2, len(deq.backward_res) + 2))
 
-        fns.update({name: on_batches(fn, batches) for name, fn in torch_contenders(torch_step, quick).items()})
-    times = common.interleaved(fns, repeats)
+def torch_training(ref, model_def, state, batches, quick):
+    """The chapter's model and Adam, holding the JAX weights, as timed contenders on ``batches``.
 
-    def evals(history, extra):
-        fwd, bwd = np.mean(history, axis=0)
-        return f"{fwd:.1f} f + {extra} f, {bwd:.1f} VJP"
+    Returns:
+      ``(contenders, history)``: name -> callable, and the list of (fwd, bwd) solver steps per call.
+    """
+    net = torch_cifar_model(ref, model_def, state)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    deq, device = net[2], common.torch_device()
+    history = []
 
-    r = row(f"training step, batch {batch_size}", times, evals(ours["evals"], 1),
-            evals(theirs["evals"], 2) if theirs["evals"] else None)
-    r["note"] = source
-    return [r]
+    def torch_step(images, labels):
+        opt.zero_grad()
+        logits = net(common.nchw(normalize(images)))
+        target = torch.from_numpy(labels.astype(np.int64)).to(device)
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        opt.step()
+        history.append((len(deq.forward_res) + 2, len(deq.backward_res) + 2))
+
+    return {name: on_batches(fn, batches) for name, fn in torch_contenders(torch_step, quick).items()}, history
+
+
+def evals(history, extra) -> str:
+    """Mean forward f evaluations (+ ``extra`` layer calls) and backward VJPs over a contender's calls."""
+    fwd, bwd = np.mean(history, axis=0)
+    return f"{fwd:.1f} f + {extra} f, {bwd:.1f} VJP"
 
 
 def on_batches(step, batches):
@@ -190,14 +237,18 @@ def on_batches(step, batches):
 
 
 def torch_contenders(fn, quick: bool) -> dict:
-    """``fn`` run by PyTorch with one thread per core and with a single thread.
+    """``fn`` as timed PyTorch contenders: on CUDA one, synchronised; on the CPU one per thread setting.
 
-    On a 2-core machine that other processes also load, PyTorch's OpenMP regions wait
-    for a descheduled second thread at every operation: measured here, the chapter's
-    Anderson solve took 4.6 s with 2 threads and 0.7 s with 1. Both settings are
-    timed and the ratio uses the faster, so PyTorch is never handicapped (quick mode:
-    one thread only).
+    On CUDA the callable ends with ``torch.cuda.synchronize()`` (:func:`common.torch_synchronized`).
+    On the CPU, ``fn`` runs with one thread per core and with a single thread: on a 2-core
+    machine that other processes also load, PyTorch's OpenMP regions wait for a
+    descheduled second thread at every operation (measured here, the chapter's Anderson
+    solve took 4.6 s with 2 threads and 0.7 s with 1). Both settings are timed and the
+    ratio uses the faster, so PyTorch is never handicapped (quick mode: one thread only).
     """
+    if common.torch_device().type == "cuda":
+        return {"PyTorch cuda": common.torch_synchronized(fn)}
+
     def with_threads(n):
         def call(*args):
             torch.set_num_threads(n)
@@ -210,54 +261,117 @@ def torch_contenders(fn, quick: bool) -> dict:
     return {f"PyTorch {many}t": with_threads(many), "PyTorch 1t": with_threads(1)}
 
 
-def row(workload, times, ours_evals, torch_evals) -> dict:
-    """A table row: the times, f evaluations and the ratio deq_jax / (PyTorch's faster setting)."""
-    torch_times = {k: v for k, v in times.items() if k.startswith("PyTorch")}
+def row(workload, ours, torch_times, ours_evals, torch_evals, batch=None) -> dict:
+    """A table row: deq_jax's seconds, PyTorch's per setting, the ratio to PyTorch's faster setting.
+
+    With ``batch`` (training steps) it also holds both sides' images per second.
+    """
     best = min(torch_times, key=torch_times.get) if torch_times else None
-    return {"workload": workload, "deq_jax_s": times["deq_jax"], "torch_s": torch_times.get(best),
-            "torch_threads": best, "torch_all": torch_times,
-            "ratio": None if best is None else times["deq_jax"] / torch_times[best],
+    torch_s = torch_times.get(best)
+    per_s = lambda seconds: None if batch is None or seconds is None else batch / seconds
+    return {"workload": workload, "deq_jax_s": ours, "torch_s": torch_s, "torch_threads": best,
+            "torch_all": torch_times, "ratio": None if best is None else ours / torch_s,
+            "deq_jax_images_per_s": per_s(ours), "torch_images_per_s": per_s(torch_s),
             "deq_jax_evals": ours_evals, "torch_evals": torch_evals, "note": ""}
 
 
-def run(quick: bool = False, repeats: int | None = None) -> common.Result:
-    """All three workloads; the PyTorch column is n/a where torch or the chapter's code is absent."""
+def run(quick: bool = False, repeats: int | None = None, batches=None, dtypes=DTYPES,
+        workloads=WORKLOADS) -> common.Result:
+    """The chosen workloads; the PyTorch column is n/a where torch or the chapter's code is absent.
+
+    Args:
+      quick: tiny sizes (checks that it runs).
+      repeats: timed rounds (default: 5, quick: 2).
+      batches: training-step batch sizes (default: 32 and 100; quick: 4).
+      dtypes: deq_jax's training-step dtypes; 'bfloat16' is skipped, with a note, when
+        the experiment's ``CifarDEQ`` has no ``dtype`` parameter.
+      workloads: any of ``WORKLOADS``: forward solves, the DEQ layer, training steps.
+    """
     repeats = common.repeats_or_default(repeats, quick)
     sizes = SIZES["quick" if quick else "full"]
     ref = common.load_reference()
-    threads = common.set_torch_threads() if ref is not None else None
     before = common.load()
-    rows = forward_solves(ref, sizes["cell"], repeats, quick) + deq_layer(ref, sizes["cell"], repeats, quick)
-    for batch_size in sizes["batches"]:
-        rows += training_steps(ref, batch_size, repeats, quick)
-    header = ["workload", "deq_jax (s)", "PyTorch (s), best", "PyTorch (s), all threads", "deq_jax / PyTorch",
-              "deq_jax f evals", "PyTorch f evals", "note"]
-    table = common.markdown_table(header, [
+    notes, dtypes = dtype_notes(dtypes)
+    rows = []
+    if "solve" in workloads:
+        rows += forward_solves(ref, sizes["cell"], repeats, quick)
+    if "layer" in workloads:
+        rows += deq_layer(ref, sizes["cell"], repeats, quick)
+    if "train" in workloads:
+        for batch_size in batches or sizes["batches"]:
+            rows += training_steps(ref, batch_size, repeats, quick, dtypes)
+    notes = table_notes(ref, sizes) + notes
+    return common.Result("Q2. deq_jax vs the chapter's PyTorch code", table(rows), rows, notes,
+                         (before, common.load()))
+
+
+def dtype_notes(dtypes) -> tuple[list[str], list[str]]:
+    """Notes on the dtypes that cannot run, and the dtypes that can."""
+    if "bfloat16" in dtypes and not common.model_takes_dtype():
+        return (["bfloat16 training step skipped: experiments.cifar10.model.CifarDEQ has no dtype parameter."],
+                [d for d in dtypes if d != "bfloat16"])
+    return [], list(dtypes)
+
+
+def table(rows) -> str:
+    """The markdown table of the rows."""
+    header = ["workload", "deq_jax (s)", "PyTorch (s), best", "PyTorch (s), all settings", "deq_jax / PyTorch",
+              "images/s: deq_jax / PyTorch", "deq_jax f evals", "PyTorch f evals", "note"]
+    number = lambda value, digits: "n/a" if value is None else f"{value:.{digits}f}"
+    return common.markdown_table(header, [
         [r["workload"], f"{r['deq_jax_s']:.3f}",
          "n/a" if r["torch_s"] is None else f"{r['torch_s']:.3f} ({r['torch_threads'].split()[1]})",
          ", ".join(f"{k.split()[1]}: {v:.3f}" for k, v in r["torch_all"].items()) or "n/a",
-         "n/a" if r["ratio"] is None else f"**{r['ratio']:.2f}**", r["deq_jax_evals"], r["torch_evals"] or "n/a",
-         r["note"]] for r in rows])
+         "n/a" if r["ratio"] is None else f"**{r['ratio']:.2f}**",
+         "n/a" if r["deq_jax_images_per_s"] is None else
+         f"{r['deq_jax_images_per_s']:.1f} / {number(r['torch_images_per_s'], 1)}",
+         r["deq_jax_evals"], r["torch_evals"] or "n/a", r["note"]] for r in rows])
+
+
+def table_notes(ref, sizes) -> list[str]:
+    """What the columns mean and how each side ran."""
+    if ref is None:
+        return ["PyTorch or ../shared/reference/seed_deq_torch.py not found: deq_jax only."]
     channels, inner, batch, size = sizes["cell"]
     notes = [
-        f"rows 1-3: ResNetCell({channels},{inner}), x {batch}x{size}x{size}x{channels} ~ N(0, 1), tol {TOL:g}; "
-        "rows 4+: the chapter's CIFAR-10 model and settings (Anderson m=5, tol 1e-2, max_iter 25 both ways).",
-        "seconds: median over rounds in which the two alternate; deq_jax's functions are jitted and compiled before timing.",
+        f"solve and layer rows: ResNetCell({channels},{inner}), x {batch}x{size}x{size}x{channels} ~ N(0, 1), "
+        f"tol {TOL:g}; training steps: the chapter's CIFAR-10 model and settings (Anderson m=5, tol 1e-2, "
+        "max_iter 25 both ways), one row per deq_jax variant (the cell's convolution form, dtype), all against "
+        "the same PyTorch times (float32).",
+        "seconds: median over rounds in which all contenders alternate; deq_jax's functions are jitted and compiled "
+        "before timing, every timed call blocks on all its outputs (PyTorch on CUDA: torch.cuda.synchronize()); "
+        "warm-up calls are not timed. images/s: batch / median seconds.",
         "f evals: forward f evaluations (+ the extra f calls of the layer), backward VJPs; deq_jax's solve stops each "
         "example on its own residual and runs until the slowest one stops, the chapter's stops on one batch-wide residual.",
-        f"PyTorch runs with {threads} threads (one per core, as XLA:CPU uses) and with 1 thread, alternating with "
-        "deq_jax; the ratio uses PyTorch's faster setting (when other jobs load this 2-core machine "
-        "that is 1 thread: with 2, every OpenMP region waits for a descheduled thread). deq_jax uses XLA:CPU's default "
-        "thread pool.",
-        "training steps: both start from identical weights and train on the same sequence of CIFAR-10 batches (one "
-        "per round), so their step counts drift apart slightly; f evals are means over the rounds.",
-    ] if ref is not None else ["PyTorch or ../shared/reference/seed_deq_torch.py not found: deq_jax only."]
-    return common.Result("Q2. deq_jax vs the chapter's PyTorch code", table, rows, notes, (before, common.load()))
+        "training steps: all start from identical weights and train on the same sequence of CIFAR-10 batches (one "
+        "per round), so their step counts drift apart slightly; f evals are means over the rounds; the note of "
+        f"each later variant gives its time relative to the first ({variant_name(next(iter(common.CONVS)), 'float32')}).",
+    ]
+    if common.torch_device().type == "cuda":
+        notes.append(f"PyTorch on CUDA: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+                     f"cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}; "
+                     f"JAX's jax_default_matmul_precision={jax.config.jax_default_matmul_precision}.")
+    else:
+        notes.append(
+            f"PyTorch runs with {common.cpu_threads()} threads (one per core, as XLA:CPU uses) and with 1 "
+            "thread, alternating with deq_jax; the ratio uses PyTorch's faster setting (when other jobs load this "
+            "2-core machine that is 1 thread: with 2, every OpenMP region waits for a descheduled thread). deq_jax "
+            "uses XLA:CPU's default thread pool.")
+    return notes
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """vs_pytorch's own flags (see the module docstring)."""
+    parser.add_argument("--batches", type=int, nargs="+", help="training-step batch sizes (default: 32 100)")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=DTYPES,
+                        help="deq_jax's training-step dtypes (bfloat16 only where CifarDEQ takes a dtype)")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS,
+                        help="solve: forward solves; layer: DEQ layer forward + backward; train: training steps")
 
 
 def main(argv=None) -> common.Result:
     """Command-line entry point: prints the table."""
-    return common.cli(run, __doc__, argv)
+    return common.cli(run, __doc__, argv, add_flags)
 
 
 if __name__ == "__main__":
