@@ -39,7 +39,7 @@ def mock_cifar10():
     ``is_prepared()`` stays False, and the mocked ArrayRecord ``__getitems__`` is
     unbound (a TypeError), so batched reads fall back to one-by-one reads.
     """
-    import tensorflow_datasets as tfds
+    tfds = pytest.importorskip("tensorflow_datasets")  # e.g. on a device machine, which has no TFDS
     from tensorflow_datasets.core.data_sources import base
 
     @contextlib.contextmanager

@@ -110,6 +110,21 @@ def test_resume_reproduces_the_uninterrupted_run(mocked_run, mock_cifar10, tmp_p
     assert [{k: v for k, v in m.items() if k not in train.TIMING_FIELDS} for m in _history(tmp_path)] == strip
 
 
+def test_time_budget_stops_cleanly_and_resume_finishes_the_run(mocked_run, mock_cifar10, tmp_path):
+    workdir, config, _, _ = mocked_run
+    if config.solver != "anderson":
+        pytest.skip("the time budget does not depend on the training settings")
+    with mock_cifar10(MOCK_EXAMPLES):
+        # Any budget is spent by the end of epoch 1, so the run stops before epoch 2.
+        stopped = train.train_and_evaluate(dataclasses.replace(config, time_budget=1e-3), tmp_path)
+        assert stopped["stopped_early"] and stopped["epochs"] == 1
+        assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
+        finished = train.train_and_evaluate(dataclasses.replace(config, resume=True), tmp_path)
+    assert not finished["stopped_early"] and finished["epochs"] == 2
+    final = [ocp.StandardCheckpointer().restore(run / "checkpoints" / "2" / "state") for run in (workdir, tmp_path)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *final)
+
+
 def test_checkpoint_mistakes_are_clear_errors(mocked_run, mock_cifar10, tmp_path):
     workdir, config, _, _ = mocked_run
     resume = dataclasses.replace(config, resume=True)
@@ -222,6 +237,7 @@ def test_four_devices_match_one_device(settings):
     (["--jac-reg", "-1"], "--jac-reg must be a finite number >= 0"),
     (["--jac-reg-freq", "0"], "--jac-reg-freq must be a number in (0, 1]"),
     (["--epochs", "two"], "invalid int value: 'two'"),
+    (["--time-budget", "0"], "--time-budget must be a number of seconds > 0"),
 ])
 def test_bad_flags_exit_before_anything_runs(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from experiments.cifar10 import input_pipeline as ip
+
+tfds = pytest.importorskip("tensorflow_datasets")  # e.g. on a device machine, which has no TFDS
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
 

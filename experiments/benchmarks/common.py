@@ -35,7 +35,9 @@ from flax import nnx
 
 import deq_jax as dj
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "seed_deq_torch.py"
+# Where ../shared does not travel (a device machine), these variables point at copies.
+REFERENCE = Path(os.environ.get("DEQ_JAX_REFERENCE")
+                 or Path(__file__).resolve().parents[3] / "shared" / "reference" / "seed_deq_torch.py")
 
 
 @dataclasses.dataclass
@@ -249,7 +251,7 @@ def cell_problem(channels: int, inner: int, batch: int, size: int, seed: int = 0
 
 
 def load_reference():
-    """The chapter's PyTorch module from ``../shared/reference``, or None without it or torch."""
+    """The chapter's PyTorch module from ``../shared/reference`` (or ``$DEQ_JAX_REFERENCE``), or None without it or torch."""
     if not REFERENCE.is_file() or importlib.util.find_spec("torch") is None:
         return None
     spec = importlib.util.spec_from_file_location("seed_deq_torch", REFERENCE)
@@ -334,14 +336,15 @@ def load() -> tuple[float, float, float]:
     return tuple(round(v, 2) for v in os.getloadavg())
 
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "tfds"
+DATA_DIR = Path(os.environ.get("DEQ_JAX_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data" / "tfds")
 
 
 def cifar_batches(batch_size: int, count: int, seed: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
     """``count`` batches of CIFAR-10 training images (uint8 NHWC) and labels.
 
-    Real images from ``../shared/data/tfds`` when present (the solvers' step counts
-    depend on the data), else uniform random pixels.
+    Real images from ``../shared/data/tfds`` (or ``$DEQ_JAX_DATA_DIR``: a TFDS data dir or
+    ``export_npz`` parts) when present (the solvers' step counts depend on the data), else
+    uniform random pixels.
 
     Returns:
       ``(batches, source)``, source naming where the images came from.

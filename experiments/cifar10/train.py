@@ -27,6 +27,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -47,7 +48,7 @@ RADIUS_BATCHES = 1  # test batches whose fixed points get a spectral radius each
 RADIUS_ITERS = 50  # power iterations (VJPs) per spectral radius
 TIMING_FIELDS = ("epoch_s", "train_s", "eval_s", "images_per_s")
 # Fields that may change between a run and its resumption without changing the result.
-RESUMABLE_FIELDS = ("data_dir", "resume")
+RESUMABLE_FIELDS = ("data_dir", "resume", "time_budget")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,9 @@ class Config:
       jac_reg: weight of the Jacobian penalty ``||J_f(z*)||_F^2 / D`` in the loss; 0 is off.
       jac_reg_freq: the fraction of training steps that add it, drawn in the compiled step.
       weight_norm: weight-normalise the cell's convolutions.
+      time_budget: seconds this invocation may run; it stops cleanly (checkpoint, metrics,
+        summary) before an epoch that the last one's duration says would end later, and
+        ``--resume`` continues. None: no limit.
     """
 
     data_dir: str | None = None
@@ -96,6 +100,7 @@ class Config:
     jac_reg: float = 0.0
     jac_reg_freq: float = 1.0
     weight_norm: bool = False
+    time_budget: float | None = None
 
     def __post_init__(self):
         def check(name, ok, expected):
@@ -120,6 +125,7 @@ class Config:
         check("phantom_damping", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
         check("jac_reg", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         check("jac_reg_freq", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        check("time_budget", lambda v: v is None or is_number(v) and v > 0, "a number of seconds > 0")
 
     def solver_and_gradient(self):
         """Returns the DEQ's forward solver and gradient strategy these settings describe."""
@@ -548,6 +554,17 @@ def _restore(manager: ocp.CheckpointManager, state: dict, config: Config) -> tup
     return restored.state, meta["history"]
 
 
+def _out_of_time(config: Config, began: float, epoch_s: float) -> bool:
+    """Whether one more epoch of ``epoch_s`` seconds would end past ``config.time_budget``.
+
+    Process 0 decides for all, so that every process stops at the same epoch.
+    """
+    if config.time_budget is None:
+        return False
+    late = time.perf_counter() - began + epoch_s > config.time_budget
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(late)))
+
+
 def _log(message: str) -> None:
     """Prints on process 0 only, so N processes print one log."""
     if distributed.is_primary():
@@ -595,6 +612,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
       FileNotFoundError: no data, or ``--resume`` without a checkpoint.
       FileExistsError: a checkpoint in ``workdir`` without ``--resume``.
     """
+    began = time.perf_counter()
     mesh = make_mesh()
     check_batch_size(config.batch_size, mesh)
     workdir = Path(workdir).resolve()
@@ -624,6 +642,10 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
           f"{len(train_split)} train / {len(test_split)} test examples, {steps_per_epoch} steps per epoch")
 
     for epoch in range(len(history) + 1, config.epochs + 1):
+        if history and _out_of_time(config, began, history[-1]["epoch_s"]):
+            _log(f"stopping before epoch {epoch}: it would end past --time-budget {config.time_budget:g} s; "
+                 "--resume continues the run")
+            break
         start = time.perf_counter()
         state, train_metrics = train_epoch(steps, state, train_split, config, epoch)
         train_s = time.perf_counter() - start
@@ -654,7 +676,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
     summary = {
         "test_accuracy": last["test_accuracy"], "exact_test_accuracy": last["test_exact_accuracy"],
         "test_loss": last["test_loss"], "train_accuracy": last["train_accuracy"], "train_loss": last["train_loss"],
-        "param_count": count, "epochs": len(history), "train_examples": len(train_split),
+        "param_count": count, "epochs": len(history), "stopped_early": len(history) < config.epochs, "train_examples": len(train_split),
         "test_examples": len(test_split), "exact_test_examples": int(exact.sum()),
         "wall_s": sum(m["epoch_s"] for m in history),
         "images_per_s": len(history) * steps_per_epoch * config.batch_size / train_s,

@@ -1,0 +1,198 @@
+"""One run on a lent accelerator: the CIFAR-10 recipe, the speed table, the test suite, in a time budget.
+
+Installs nothing and needs no network or TFDS: the data comes as ``export_npz`` parts,
+and everything is written under ``--out`` (the device's ``$OUT``). The three parts run
+in this order, each a subprocess in its own session with its own share of the budget,
+its output in ``<out>/<part>.log``:
+
+1. ``recipe``: ``python -m experiments.cifar10`` with the chapter's settings (50 epochs),
+   stopping cleanly at its share (``--time-budget``): metrics, summary, plots, checkpoints.
+2. ``speed``: ``experiments.benchmarks.vs_pytorch``'s training step, deq_jax against the
+   chapter's PyTorch code on the same device, at batch 100 and a larger batch, in float32
+   and bfloat16, with both convolution forms.
+3. ``tests``: the test suite (TFDS-only tests skip where TFDS is absent).
+
+After each part ``<out>/report.md`` is rewritten: what each part did, test accuracy per
+epoch, seconds per epoch and the projected time of all the recipe's epochs, the speed
+table, the tests' outcome. A part past its share is killed, and the report says so.
+
+Usage (on the device, from the repository root)::
+
+    python -m experiments.device_run --data-dir data_parts --out "$OUT" --budget 480
+
+``--dry-run`` shrinks every part (100 images, one epoch, quick benchmarks, two test
+files) so the whole script runs on a CPU in about two minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARES = {"recipe": 0.45, "speed": 0.4, "tests": 0.15}  # of the budget; an unused share passes on
+KILL_GRACE_S = 10  # after SIGTERM, before SIGKILL
+RECIPE_MARGIN_S = 30  # kept from the recipe's share for its last save and summary
+LARGE_BATCH = 500
+DRY_RUN_TESTS = ("tests/test_errors.py", "tests/test_input_pipeline.py")  # the second skips without TFDS
+# The library's numerics first (what a new backend can break); the rest of the suite after.
+DEVICE_TESTS = tuple(f"tests/test_{name}.py" for name in (
+    "solvers", "fixed_point", "gradients", "broyden", "jacobian", "mixed_precision", "conv", "nn",
+    "group_norm", "weight_norm", "errors")) + ("tests",)
+
+
+def part_commands(args) -> dict[str, list[str]]:
+    """The command of each part, full or shrunk for ``--dry-run``."""
+    python, out = sys.executable, Path(args.out)
+    recipe = [python, "-m", "experiments.cifar10", "--workdir", str(out / "cifar10"), "--data-dir", args.data_dir]
+    speed = [python, "-m", "experiments.benchmarks.vs_pytorch", "--workloads", "train",
+             "--dtypes", "float32", "bfloat16", "--json", str(out / "speed.json")]
+    tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"]
+    if args.dry_run:
+        recipe += ["--epochs", "1", "--train-limit", "100", "--eval-limit", "50", "--batch-size", "50",
+                   "--f-max-iter", "6", "--b-max-iter", "6"]
+        speed += ["--quick", "--repeats", "1"]
+        tests += list(DRY_RUN_TESTS)
+    else:
+        speed += ["--batches", "100", str(LARGE_BATCH)]
+        tests += list(DEVICE_TESTS)
+    return {"recipe": recipe, "speed": speed, "tests": tests}
+
+
+def part_env(args) -> dict[str, str]:
+    """The parts' environment: this checkout importable, the benchmarks pointed at the data and reference."""
+    return {
+        **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "DEQ_JAX_DATA_DIR": str(Path(args.data_dir).resolve()), "DEQ_JAX_REFERENCE": str(Path(args.reference).resolve()),
+        # JAX would take 75% of the GPU up front; PyTorch shares it in the speed part.
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    }
+
+
+def run_part(name: str, command: list[str], seconds: float, out: Path, env: dict[str, str]) -> dict:
+    """Runs one part in its own session with output in ``<out>/<name>.log``, killed after ``seconds``.
+
+    Returns:
+      ``{"status": "ok" | "failed" | "cut off", "returncode", "seconds"}``.
+    """
+    if name == "recipe":
+        command = [*command, "--time-budget", f"{max(seconds - RECIPE_MARGIN_S, 1):.0f}"]
+    start = time.monotonic()
+    with (out / f"{name}.log").open("w") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=seconds)
+            cut_off = False
+        except subprocess.TimeoutExpired:
+            cut_off = True
+            _stop(process)
+    status = "cut off" if cut_off else "ok" if process.returncode == 0 else "failed"
+    return {"status": status, "returncode": process.returncode, "seconds": round(time.monotonic() - start, 1)}
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the part's whole session, then SIGKILL: no process outlives its share."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def recipe_report(out: Path) -> list[str]:
+    """Test accuracy per epoch, epoch time and the projected time of all epochs, from the run's files."""
+    workdir = out / "cifar10"
+    metrics = workdir / "metrics.jsonl"
+    if not metrics.is_file():
+        return ["no epoch finished"]
+    history = [json.loads(line) for line in metrics.read_text().splitlines()]
+    summary = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").is_file() else {}
+    planned = summary.get("config", {}).get("epochs")
+    lines = ["| epoch | train loss | test acc | exact test acc | fwd steps | bwd steps | epoch s | img/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in history:
+        exact = "n/a" if m["test_exact_accuracy"] is None else f"{m['test_exact_accuracy']:.4f}"
+        lines.append(f"| {m['epoch']} | {m['train_loss']:.4f} | {m['test_accuracy']:.4f} | {exact} | "
+                     f"{m['fwd_steps_mean']:.1f} | {m.get('bwd_steps_mean', float('nan')):.1f} | "
+                     f"{m['epoch_s']:.1f} | {m['images_per_s']:.0f} |")
+    # The first epoch also warms caches; later ones are the steady state.
+    steady = [m["epoch_s"] for m in history[1:]] or [history[0]["epoch_s"]]
+    epoch_s = sum(steady) / len(steady)
+    which = "after the first" if len(history) > 1 else "the first epoch's"
+    if summary:
+        lines.append(f"\ndevice: {summary['device']}; compiled in {summary['compile_s']:.1f} s; "
+                     f"{summary['epochs']} of {planned} epochs" + (" (stopped at the time budget)"
+                                                                   if summary["stopped_early"] else ""))
+    if planned:
+        lines.append(f"projected time of all {planned} epochs: {planned * epoch_s / 60:.1f} min "
+                     f"({epoch_s:.1f} s per epoch, {which})")
+    return lines
+
+
+def speed_report(out: Path) -> list[str]:
+    path = out / "speed.json"
+    if not path.is_file():
+        return ["no speed table"]
+    record = json.loads(path.read_text())
+    return [record["table"], "", *(f"- {note}" for note in record["notes"]), f"- devices: {record['devices']}",
+            f"- {record['environment']}"]
+
+
+def tests_report(out: Path) -> list[str]:
+    log = out / "tests.log"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return [line for line in lines[-3:] if line.strip()] or ["no test output"]
+
+
+def write_report(out: Path, results: dict, args) -> Path:
+    sections = {"recipe": recipe_report, "speed": speed_report, "tests": tests_report}
+    text = [f"# Device run ({'dry run, ' if args.dry_run else ''}budget {args.budget:g} s)", ""]
+    for name, result in results.items():
+        text += [f"## {name}: {result['status']} after {result['seconds']} s (exit {result['returncode']})", "",
+                 *sections[name](out), ""]
+    report = out / "report.md"
+    report.write_text("\n".join(text))
+    (out / "report.json").write_text(json.dumps(results, indent=2))
+    return report
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="folder of export_npz parts (or a TFDS data dir)")
+    parser.add_argument("--out", required=True, help="folder for everything the run writes ($OUT)")
+    parser.add_argument("--budget", type=float, default=480, help="seconds for all parts (%(default)s)")
+    parser.add_argument("--reference", default=str(ROOT.parent / "shared" / "reference" / "seed_deq_torch.py"),
+                        help="the chapter's PyTorch code, for the speed table (%(default)s)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny parts, to check the script on a CPU")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget
+    results = {}
+    for name, command in part_commands(args).items():
+        parts_left = list(SHARES)[list(SHARES).index(name):]
+        left = deadline - time.monotonic()
+        seconds = left * SHARES[name] / sum(SHARES[p] for p in parts_left)
+        print(f"device_run: {name} ({seconds:.0f} s)", flush=True)
+        results[name] = run_part(name, command, seconds, out, part_env(args))
+        report = write_report(out, results, args)
+        print(f"device_run: {name} {results[name]['status']} after {results[name]['seconds']} s -> {report}",
+              flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The device script's dry run on this CPU, with TFDS blocked from import as on the device machine."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from experiments import device_run
+from experiments.cifar10 import export_npz
+from experiments.cifar10 import input_pipeline as ip
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference" / "seed_deq_torch.py"
+
+
+def _write_parts(folder: Path) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 100), ("test", 50)):
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        ids = np.array([f"{split}_{i:05d}" for i in range(n)])
+        export_npz.write_parts(ip.Split(images, rng.integers(0, 10, n).astype(np.int32), ids), folder, split, None)
+
+
+def test_dry_run_writes_every_part_without_tfds(tmp_path):
+    _write_parts(tmp_path / "parts")
+    blocked = tmp_path / "blocked" / "tensorflow_datasets"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text('raise ImportError("tensorflow_datasets is blocked, as on the device")\n')
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(blocked.parent), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.device_run", "--data-dir", str(tmp_path / "parts"), "--out", str(out),
+         "--budget", "1200", "--dry-run", "--reference", str(REFERENCE)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert {name: r["status"] for name, r in report.items()} == {"recipe": "ok", "speed": "ok", "tests": "ok"}
+    workdir = out / "cifar10"
+    for name in ("metrics.jsonl", "summary.json", "curves.png", "solver.png"):
+        assert (workdir / name).is_file(), name
+    speed = json.loads((out / "speed.json").read_text())
+    variants = {row["workload"] for row in speed["rows"]}
+    assert any("bfloat16" in v for v in variants) and any("lax.conv_general_dilated" in v for v in variants), variants
+    tests_log = (out / "tests.log").read_text()
+    assert " passed" in tests_log and "1 skipped" in tests_log, tests_log[-2000:]  # test_input_pipeline: no TFDS
+    markdown = (out / "report.md").read_text()
+    assert "## recipe: ok" in markdown and "projected time of all 1 epochs" in markdown and "| 1 |" in markdown
+
+
+def test_a_part_past_its_share_is_cut_off_and_reported(tmp_path):
+    command = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    result = device_run.run_part("tests", command, 1, tmp_path, dict(os.environ))
+    assert result["status"] == "cut off" and result["returncode"] != 0
+    assert "started" in (tmp_path / "tests.log").read_text()
