@@ -7,9 +7,10 @@ its output in ``<out>/<part>.log``:
 
 1. ``recipe``: ``python -m experiments.cifar10`` with the chapter's settings (50 epochs),
    stopping cleanly at its share (``--time-budget``): metrics, summary, plots, checkpoints.
-2. ``speed``: ``experiments.benchmarks.vs_pytorch``'s training step, deq_jax against the
-   chapter's PyTorch code on the same device, at batch 100 and a larger batch, in float32
-   and bfloat16, with both convolution forms.
+2. ``speed_b100``, then ``speed_b500``: ``experiments.benchmarks.vs_pytorch``'s training
+   step, deq_jax against the chapter's PyTorch code on the same device, in float32 and
+   bfloat16, with both convolution forms (4 compiled steps per batch size), at batch 100,
+   then at batch 500 (two parts, so a cut-off second still leaves the first).
 3. ``tests``: the test suite (TFDS-only tests skip where TFDS is absent).
 
 After each part ``<out>/report.md`` is rewritten: what each part did, test accuracy per
@@ -26,6 +27,7 @@ files) so the whole script runs on a CPU in about two minutes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -35,10 +37,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARES = {"recipe": 0.45, "speed": 0.4, "tests": 0.15}  # of the budget; an unused share passes on
+# Shares of the budget; what a part leaves unused passes on to the later ones.
+SHARES = {"recipe": 0.4, "speed_b100": 0.2, "speed_b500": 0.2, "tests": 0.2}
 KILL_GRACE_S = 10  # after SIGTERM, before SIGKILL
 RECIPE_MARGIN_S = 30  # kept from the recipe's share for its last save and summary
-LARGE_BATCH = 500
+BATCHES = {"speed_b100": 100, "speed_b500": 500}
+DRY_RUN_BATCHES = {"speed_b100": 2, "speed_b500": 4}
 DRY_RUN_TESTS = ("tests/test_errors.py", "tests/test_input_pipeline.py")  # the second skips without TFDS
 # The library's numerics first (what a new backend can break); the rest of the suite after.
 DEVICE_TESTS = tuple(f"tests/test_{name}.py" for name in (
@@ -50,18 +54,19 @@ def part_commands(args) -> dict[str, list[str]]:
     """The command of each part, full or shrunk for ``--dry-run``."""
     python, out = sys.executable, Path(args.out)
     recipe = [python, "-m", "experiments.cifar10", "--workdir", str(out / "cifar10"), "--data-dir", args.data_dir]
-    speed = [python, "-m", "experiments.benchmarks.vs_pytorch", "--workloads", "train",
-             "--dtypes", "float32", "bfloat16", "--json", str(out / "speed.json")]
+    speed = {name: [python, "-m", "experiments.benchmarks.vs_pytorch", "--workloads", "train",
+                    "--dtypes", "float32", "bfloat16", "--json", str(out / f"{name}.json"),
+                    "--batches", str((DRY_RUN_BATCHES if args.dry_run else BATCHES)[name])]
+             for name in BATCHES}
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"]
     if args.dry_run:
         recipe += ["--epochs", "1", "--train-limit", "100", "--eval-limit", "50", "--batch-size", "50",
                    "--f-max-iter", "6", "--b-max-iter", "6"]
-        speed += ["--quick", "--repeats", "1"]
+        speed = {name: [*command, "--quick", "--repeats", "1"] for name, command in speed.items()}
         tests += list(DRY_RUN_TESTS)
     else:
-        speed += ["--batches", "100", str(LARGE_BATCH)]
         tests += list(DEVICE_TESTS)
-    return {"recipe": recipe, "speed": speed, "tests": tests}
+    return {"recipe": recipe, **speed, "tests": tests}
 
 
 def part_env(args) -> dict[str, str]:
@@ -142,8 +147,8 @@ def recipe_report(out: Path) -> list[str]:
     return lines
 
 
-def speed_report(out: Path) -> list[str]:
-    path = out / "speed.json"
+def speed_report(out: Path, name: str) -> list[str]:
+    path = out / f"{name}.json"
     if not path.is_file():
         return ["no speed table"]
     record = json.loads(path.read_text())
@@ -158,7 +163,8 @@ def tests_report(out: Path) -> list[str]:
 
 
 def write_report(out: Path, results: dict, args) -> Path:
-    sections = {"recipe": recipe_report, "speed": speed_report, "tests": tests_report}
+    sections = {"recipe": recipe_report, "tests": tests_report,
+                **{name: functools.partial(speed_report, name=name) for name in BATCHES}}
     text = [f"# Device run ({'dry run, ' if args.dry_run else ''}budget {args.budget:g} s)", ""]
     for name, result in results.items():
         text += [f"## {name}: {result['status']} after {result['seconds']} s (exit {result['returncode']})", "",

@@ -28,7 +28,8 @@ def test_dry_run_writes_every_part_without_tfds(tmp_path):
     _write_parts(tmp_path / "parts")
     blocked = tmp_path / "blocked" / "tensorflow_datasets"
     blocked.mkdir(parents=True)
-    (blocked / "__init__.py").write_text('raise ImportError("tensorflow_datasets is blocked, as on the device")\n')
+    (blocked / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"tensorflow_datasets is blocked, as on the device\", name=\"tensorflow_datasets\")\n")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(blocked.parent), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
@@ -38,13 +39,14 @@ def test_dry_run_writes_every_part_without_tfds(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert {name: r["status"] for name, r in report.items()} == {"recipe": "ok", "speed": "ok", "tests": "ok"}
+    assert {name: r["status"] for name, r in report.items()} == dict.fromkeys(device_run.SHARES, "ok")
     workdir = out / "cifar10"
     for name in ("metrics.jsonl", "summary.json", "curves.png", "solver.png"):
         assert (workdir / name).is_file(), name
-    speed = json.loads((out / "speed.json").read_text())
-    variants = {row["workload"] for row in speed["rows"]}
-    assert any("bfloat16" in v for v in variants) and any("lax.conv_general_dilated" in v for v in variants), variants
+    for name, batch in device_run.DRY_RUN_BATCHES.items():
+        variants = {row["workload"] for row in json.loads((out / f"{name}.json").read_text())["rows"]}
+        assert len(variants) == 4 and all(f"batch {batch}," in v for v in variants), variants
+        assert sum("bfloat16" in v for v in variants) == sum("lax.conv_general_dilated" in v for v in variants) == 2
     tests_log = (out / "tests.log").read_text()
     assert " passed" in tests_log and "1 skipped" in tests_log, tests_log[-2000:]  # test_input_pipeline: no TFDS
     markdown = (out / "report.md").read_text()
