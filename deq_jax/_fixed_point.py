@@ -37,9 +37,14 @@ def fixed_point(
     those steps only (see :class:`Phantom`).
 
     Args:
-      f: ``f(z, args) -> z``, batched over the leading axis of ``z``.
-      z0: initial estimate, a floating array (or pytree) with a leading batch axis.
-        It does not change the fixed point, so its gradient is zero.
+      f: ``f(z, args) -> z``, batched over the leading axis of ``z``, returning ``z``'s
+        dtype. It may compute in a narrower one (bfloat16 convolutions, say) if it
+        casts its output back, as :class:`deq_jax.nn.DEQ` does: the solver's state
+        and the backward solve then stay in ``z0``'s dtype, and the backward VJPs go
+        through the same casts, so they too run in the narrow dtype.
+      z0: initial estimate, a floating array (or pytree) with a leading batch axis;
+        its dtype is the solver state's. It does not change the fixed point, so its
+        gradient is zero.
       args: a pytree of arrays: everything ``f`` depends on that should receive
         gradients (parameters, injected input). Arrays ``f`` closes over are found
         with ``jax.closure_convert`` and differentiated too.

@@ -89,7 +89,8 @@ def check_problem(owner: str, f: Callable, z0) -> None:
     ):
         raise ValueError(
             f"{owner}: f(z) must have the structure, shape and dtype of z0; z0 is {expected}, "
-            f"f(z0) is {got}."
+            f"f(z0) is {got}. (An f that computes in another dtype, e.g. bfloat16, should cast its "
+            "output to z's dtype, as deq_jax.nn.DEQ does, so that the solver state keeps z0's.)"
         )
 
 

@@ -38,8 +38,12 @@ def mixing_weights(gram: jax.Array, num_valid: jax.Array, lam: float) -> jax.Arr
       lam: ridge term added to the Gram matrix.
 
     Returns:
-      alpha: [B, m].
+      alpha: [B, m], in ``gram``'s dtype.
     """
+    dtype = gram.dtype
+    # Solved in at least float32: the bordered system is small but ill-conditioned, and
+    # XLA:CPU's LAPACK solve has no bfloat16 kernel.
+    gram = gram.astype(jnp.promote_types(dtype, jnp.float32))
     batch, m, _ = gram.shape
     valid = jnp.arange(m) < num_valid
     eye = jnp.eye(m, dtype=gram.dtype)
@@ -49,7 +53,7 @@ def mixing_weights(gram: jax.Array, num_valid: jax.Array, lam: float) -> jax.Arr
     system = jnp.concatenate([border[:, None] * jnp.ones((batch, m, 1), gram.dtype), gram], axis=2)
     system = jnp.concatenate([jnp.broadcast_to(top, (batch, 1, m + 1)), system], axis=1)
     rhs = jnp.zeros((batch, m + 1, 1), gram.dtype).at[:, 0].set(1)
-    return jnp.linalg.solve(system, rhs)[:, 1:, 0]
+    return jnp.linalg.solve(system, rhs)[:, 1:, 0].astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)

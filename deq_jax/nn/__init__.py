@@ -1,5 +1,8 @@
 """Flax NNX layers: the chapter's residual cell and the DEQ layer."""
 from .cell import ResNetCell as ResNetCell
+from .conv import CONV_BY_BACKEND as CONV_BY_BACKEND
+from .conv import default_conv as default_conv
+from .conv import loop_friendly_conv as loop_friendly_conv
 from .deq import DEQ as DEQ
 from .deq import BackwardStatsProbe as BackwardStatsProbe
 from .deq import ForwardStats as ForwardStats

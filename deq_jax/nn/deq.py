@@ -33,6 +33,15 @@ class DEQ(nnx.Module):
     :meth:`jacobian_penalty` and :meth:`spectral_radius` apply to the same cell
     without rebuilding ``f``.
 
+    Mixed precision: the solver state ``z`` -- iterates, solver history, residuals --
+    and the backward solve stay in ``z0``'s dtype, float32 by default, whatever the
+    cell computes in. The layer casts the cell's output to ``z``'s dtype, so a cell
+    built with ``dtype=jnp.bfloat16`` runs its convolutions in bfloat16 on every
+    solver step while the solver (and the backward linear solve, whose VJPs run
+    through the same casts) accumulates in float32. Rounding ``f(z)`` to bfloat16 at
+    every step limits the residual a solve can reach, but far below the usual
+    ``tol=1e-2``: Anderson took a 16/32-channel CIFAR-10 DEQ's bfloat16 cell to 1e-4.
+
     Args:
       cell: an NNX module called as ``cell(z, x)``, returning an array shaped like ``z``.
       solver: forward solver (the chapter's settings by default: Anderson, m=5,
@@ -65,13 +74,16 @@ class DEQ(nnx.Module):
         """Solves for the equilibrium of ``cell(., x)``.
 
         Args:
-          x: the injection, e.g. NHWC; also fixes the shape of ``z``.
-          z0: initial estimate, zeros if None.
+          x: the injection, e.g. NHWC; also fixes the shape of ``z``. It reaches the
+            cell in its own dtype (bfloat16 from a bfloat16 stem, say).
+          z0: initial estimate and the dtype of the solver state; if None, zeros in
+            ``x``'s dtype promoted to at least float32 (float32 for a bfloat16 ``x``).
 
         Returns:
-          The fixed point estimate, shaped like ``x`` (or ``z0``).
+          The fixed point estimate, shaped like ``x`` (or ``z0``), in ``z0``'s dtype.
         """
-        z0 = jnp.zeros_like(x) if z0 is None else z0
+        if z0 is None:
+            z0 = jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))
         f, cell_state = self._explicit_cell()
         solution = fixed_point(
             f, z0, (cell_state, x), solver=self.solver, gradient=self.gradient,
@@ -133,11 +145,15 @@ class DEQ(nnx.Module):
         return spectral_radius(f, z, (cell_state, x), key, num_iters)
 
     def _explicit_cell(self):
-        """``(f, cell_state)`` with ``f(z, (cell_state, x)) == self.cell(z, x)``: the cell as a pure function."""
+        """``(f, cell_state)``: the cell as a pure function, ``f(z, (cell_state, x)) = self.cell(z, x)``.
+
+        ``f``'s output is cast to ``z``'s dtype. The cast is what keeps the solvers' state in ``z``'s dtype when the cell
+        computes in a narrower one; its transpose keeps the backward solve there too.
+        """
         graphdef, cell_state = nnx.split(self.cell)
 
         def f(z, args):
             state, injection = args
-            return nnx.merge(graphdef, state)(z, injection)
+            return nnx.merge(graphdef, state)(z, injection).astype(z.dtype)
 
         return f, cell_state

@@ -43,6 +43,14 @@ class CifarDEQ(nnx.Module):
     pooled ``[B, 4, 4, 48]`` map is in HWC order, not PyTorch's CHW; the linear layer
     learns either order equally well.
 
+    With ``dtype=jnp.bfloat16`` every layer computes in bfloat16 -- the stem
+    convolution and its BatchNorm (so the injection ``x`` is bfloat16), the cell, the
+    output BatchNorm, pooling and the linear head -- while parameters and BatchNorm
+    statistics stay float32 (BatchNorm also computes its statistics in float32). The
+    DEQ's solver state, fixed point and backward solve stay float32 (see
+    :class:`deq_jax.nn.DEQ`), and the logits are returned in float32, so the loss is
+    computed in float32.
+
     Args:
       solver: the DEQ's forward solver.
       gradient: its gradient strategy, ``dj.Implicit(backward_solver)`` or ``dj.Phantom(...)``.
@@ -51,6 +59,8 @@ class CifarDEQ(nnx.Module):
       channels: channels of the equilibrium state.
       inner_channels: channels inside the cell.
       num_classes: outputs of the classifier.
+      dtype: computation dtype of every layer, e.g. ``jnp.bfloat16``; None computes in
+        the parameters' float32.
 
     Example:
       >>> model = CifarDEQ(solver=dj.Anderson(max_iter=4), gradient=dj.Implicit(), rngs=nnx.Rngs(0))
@@ -59,20 +69,21 @@ class CifarDEQ(nnx.Module):
     """
 
     def __init__(self, *, solver, gradient, rngs: nnx.Rngs, weight_norm=False, channels=48, inner_channels=64,
-                 num_classes=10):
+                 num_classes=10, dtype=None):
         kernel_init, bias_init = torch_default_init(3 * 3 * 3)
         self.stem = nnx.Conv(
             3, channels, (3, 3), padding=[(1, 1), (1, 1)], use_bias=True,
-            kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+            kernel_init=kernel_init, bias_init=bias_init, dtype=dtype, rngs=rngs,
         )
-        self.norm_in = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+        self.norm_in = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
         self.deq = dj.nn.DEQ(
-            dj.nn.ResNetCell(channels, inner_channels, kernel_size=3, weight_norm=weight_norm, rngs=rngs),
+            dj.nn.ResNetCell(channels, inner_channels, kernel_size=3, weight_norm=weight_norm, dtype=dtype, rngs=rngs),
             solver=solver, gradient=gradient,
         )
-        self.norm_out = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+        self.norm_out = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
         kernel_init, bias_init = torch_default_init(channels * 4 * 4)
-        self.head = nnx.Linear(channels * 4 * 4, num_classes, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+        self.head = nnx.Linear(channels * 4 * 4, num_classes, kernel_init=kernel_init, bias_init=bias_init,
+                               dtype=dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         """Classifies a batch.
@@ -82,7 +93,7 @@ class CifarDEQ(nnx.Module):
           train: BatchNorm uses (and updates) batch statistics if True, running ones if False.
 
         Returns:
-          logits [B, num_classes].
+          logits [B, num_classes], float32 whatever ``dtype`` is.
         """
         return self.classify(self.deq(self.inject(images, train=train)), train=train)
 
@@ -91,9 +102,11 @@ class CifarDEQ(nnx.Module):
         return self.norm_in(self.stem(images), use_running_average=not train)
 
     def classify(self, z: jax.Array, *, train: bool) -> jax.Array:
-        """Logits from the equilibrium state ``z``: BatchNorm, 8x8 average pool, linear."""
+        """Logits from the equilibrium state ``z``: BatchNorm, 8x8 average pool, linear; float32 logits."""
         z = nnx.avg_pool(self.norm_out(z, use_running_average=not train), (8, 8), strides=(8, 8))
-        return self.head(z.reshape(z.shape[0], -1))
+        # At least float32, so that softmax and the loss never run in bfloat16.
+        logits = self.head(z.reshape(z.shape[0], -1))
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 def param_count(params) -> int:
