@@ -146,10 +146,11 @@ def test_checkpoint_mistakes_are_clear_errors(mocked_run, mock_cifar10, tmp_path
             train.train_and_evaluate(dataclasses.replace(config, batch_size=40), tmp_path / "big_batch")
 
 
-def test_real_data_loss_goes_down(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_data_loss_goes_down(tmp_path, dtype):
     if not (REAL_DATA / "cifar10").is_dir():
         pytest.skip(f"no prepared CIFAR-10 at {REAL_DATA}")
-    config = train.Config(data_dir=str(REAL_DATA), epochs=3, train_limit=100, eval_limit=100, **TINY)
+    config = train.Config(data_dir=str(REAL_DATA), epochs=3, train_limit=100, eval_limit=100, dtype=dtype, **TINY)
     summary = train.train_and_evaluate(config, tmp_path)
     losses = [m["train_loss"] for m in _history(tmp_path)]
     assert losses[2] < losses[0], losses
@@ -238,6 +239,7 @@ def test_four_devices_match_one_device(settings):
     (["--jac-reg-freq", "0"], "--jac-reg-freq must be a number in (0, 1]"),
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--time-budget", "0"], "--time-budget must be a number of seconds > 0"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
 ])
 def test_bad_flags_exit_before_anything_runs(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.Config, str, distri
     add("--jac-reg-freq", type=float, default=DEFAULTS.jac_reg_freq, metavar="P",
         help="fraction of training steps that add the Jacobian penalty (%(default)s)")
     add("--weight-norm", action="store_true", help="weight-normalise the DEQ cell's convolutions")
+    add("--dtype", choices=tuple(train.DTYPES), default=DEFAULTS.dtype,
+        help="computation dtype; parameters, solver state and loss stay float32 (%(default)s)")
     add("--time-budget", type=float, metavar="S", help="stop cleanly before an epoch that would end after S "
         "seconds of this invocation (judged by the last epoch); --resume continues")
     _add_cluster_flags(parser.add_argument_group(

@@ -44,6 +44,8 @@ END_LR = 1e-6  # the chapter's CosineAnnealingLR(eta_min=1e-6)
 PROGRESS_EVERY = 10  # steps between progress-bar updates, the training loop's only host syncs
 SOLVERS = ("anderson", "forward", "broyden")
 GRADIENTS = ("implicit", "phantom")
+# Computation dtypes: parameters, solver state and the loss stay float32 (see CifarDEQ).
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 RADIUS_BATCHES = 1  # test batches whose fixed points get a spectral radius each epoch
 RADIUS_ITERS = 50  # power iterations (VJPs) per spectral radius
 TIMING_FIELDS = ("epoch_s", "train_s", "eval_s", "images_per_s")
@@ -75,6 +77,8 @@ class Config:
       jac_reg: weight of the Jacobian penalty ``||J_f(z*)||_F^2 / D`` in the loss; 0 is off.
       jac_reg_freq: the fraction of training steps that add it, drawn in the compiled step.
       weight_norm: weight-normalise the cell's convolutions.
+      dtype: 'float32', or 'bfloat16': every layer computes in bfloat16 while parameters,
+        the solvers' state and the loss stay float32.
       time_budget: seconds this invocation may run; it stops cleanly (checkpoint, metrics,
         summary) before an epoch that the last one's duration says would end later, and
         ``--resume`` continues. None: no limit.
@@ -100,6 +104,7 @@ class Config:
     jac_reg: float = 0.0
     jac_reg_freq: float = 1.0
     weight_norm: bool = False
+    dtype: str = "float32"
     time_budget: float | None = None
 
     def __post_init__(self):
@@ -122,6 +127,7 @@ class Config:
         check("seed", lambda v: is_int(v) and v >= 0, "an int >= 0")
         check("solver", lambda v: v in SOLVERS, f"one of {SOLVERS}")
         check("gradient", lambda v: v in GRADIENTS, f"one of {GRADIENTS}")
+        check("dtype", lambda v: v in DTYPES, f"one of {tuple(DTYPES)}")
         check("phantom_damping", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
         check("jac_reg", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         check("jac_reg_freq", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
@@ -188,7 +194,8 @@ def init_state(config: Config, total_steps: int):
       "step"}`` (optimizer steps taken) on the default device.
     """
     solver, gradient = config.solver_and_gradient()
-    model = CifarDEQ(solver=solver, gradient=gradient, weight_norm=config.weight_norm, rngs=nnx.Rngs(config.seed))
+    model = CifarDEQ(solver=solver, gradient=gradient, weight_norm=config.weight_norm, dtype=DTYPES[config.dtype],
+                     rngs=nnx.Rngs(config.seed))
     graphdef, params, batch_stats, probe, scratch = nnx.split(
         model, nnx.Param, nnx.BatchStat, dj.nn.BackwardStatsProbe, ...
     )
