@@ -45,8 +45,8 @@ def test_dry_run_writes_every_part_without_tfds(tmp_path):
         assert (workdir / name).is_file(), name
     for name, batch in device_run.DRY_RUN_BATCHES.items():
         variants = {row["workload"] for row in json.loads((out / f"{name}.json").read_text())["rows"]}
-        assert len(variants) == 4 and all(f"batch {batch}," in v for v in variants), variants
-        assert sum("bfloat16" in v for v in variants) == sum("lax.conv_general_dilated" in v for v in variants) == 2
+        assert len(variants) == 2 and all(f"batch {batch}," in v for v in variants), variants
+        assert sum("lax.conv_general_dilated" in v for v in variants) == 1
     tests_log = (out / "tests.log").read_text()
     assert " passed" in tests_log and "1 skipped" in tests_log, tests_log[-2000:]  # test_input_pipeline: no TFDS
     markdown = (out / "report.md").read_text()
