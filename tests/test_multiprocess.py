@@ -151,7 +151,9 @@ def runs(tmp_path_factory):
     _wait(list(phase2.values()))
     runs = {**out, **phase2}
     print(f"multi-process runs took {time.monotonic() - started:.1f} s: " + ", ".join(
-        f"{name} {max(run.exit_times) - run.start:.1f} s" for name, run in runs.items()))
+        f"{name} {max(run.exit_times) - run.start:.1f} s" for name, run in runs.items())
+          + f"; killed's process 0 exited {runs['killed'].exit_times[0] - runs['killed'].exit_times[1]:.1f} s "
+          "after process 1")
     return runs
 
 
