@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -27,6 +28,27 @@ def torch_reference():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def write_cifar_parts():
+    """A function ``write(folder, train=N, test=M)``: random CIFAR-10-shaped splits as ``export_npz`` parts.
+
+    The folder is created and is a valid ``--data-dir``; ids are ``<split>_NNNNN``.
+    """
+    from experiments.cifar10 import export_npz
+    from experiments.cifar10 import input_pipeline as ip
+
+    def write(folder: Path, *, train: int, test: int) -> Path:
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for split, n in (("train", train), ("test", test)):
+            images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            ids = np.array([f"{split}_{i:05d}" for i in range(n)])
+            export_npz.write_parts(ip.Split(images, rng.integers(0, 10, n).astype(np.int32), ids), folder, split, None)
+        return folder
+
+    return write
 
 
 @pytest.fixture(scope="session")

@@ -5,27 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from experiments import device_run
-from experiments.cifar10 import export_npz
-from experiments.cifar10 import input_pipeline as ip
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "seed_deq_torch.py"
 
 
-def _write_parts(folder: Path) -> None:
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 100), ("test", 50)):
-        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        ids = np.array([f"{split}_{i:05d}" for i in range(n)])
-        export_npz.write_parts(ip.Split(images, rng.integers(0, 10, n).astype(np.int32), ids), folder, split, None)
-
-
-def test_dry_run_writes_every_part_without_tfds(tmp_path):
-    _write_parts(tmp_path / "parts")
+def test_dry_run_writes_every_part_without_tfds(tmp_path, write_cifar_parts):
+    parts = write_cifar_parts(tmp_path / "parts", train=100, test=50)
     blocked = tmp_path / "blocked" / "tensorflow_datasets"
     blocked.mkdir(parents=True)
     (blocked / "__init__.py").write_text(
@@ -33,7 +20,7 @@ def test_dry_run_writes_every_part_without_tfds(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(blocked.parent), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.device_run", "--data-dir", str(tmp_path / "parts"), "--out", str(out),
+        [sys.executable, "-m", "experiments.device_run", "--data-dir", str(parts), "--out", str(out),
          "--budget", "1200", "--dry-run", "--reference", str(REFERENCE)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )

@@ -34,8 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments.cifar10 import distributed, export_npz, main
-from experiments.cifar10 import input_pipeline as ip
+from experiments.cifar10 import distributed, main
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("cifar10_worker.py")
@@ -110,30 +109,21 @@ def _wait(runs: list[Run]) -> None:
             run.kill()
 
 
-def _write_data(folder: Path) -> None:
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("test", 12)):
-        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        ids = np.array([f"{split}_{i:05d}" for i in range(n)])
-        export_npz.write_parts(ip.Split(images, rng.integers(0, 10, n).astype(np.int32), ids), folder, split, None)
-
-
 def _resume_from(killed: Path, workdir: Path) -> Path:
     shutil.copytree(killed / "checkpoints" / "1", workdir / "checkpoints" / "1")
     return workdir
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, write_cifar_parts):
     base = tmp_path_factory.mktemp("multiprocess")
-    _write_data(base / "data")
+    data = write_cifar_parts(base / "data", train=16, test=12)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
            "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
            # A dead proxy: the coordinator's connections must bypass it (no_proxy).
            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    flags = [*FLAGS, "--data-dir", str(base / "data")]
+    flags = [*FLAGS, "--data-dir", str(data)]
     started = time.monotonic()
     out = {
         "ref": Run("ref", base / "ref", 1, 1, flags, env),
