@@ -15,7 +15,8 @@ Usage:
 size limit per file. All of CIFAR-10 with ``--max-part-mib 60`` (20,142 examples a part):
 ``train-00000-of-00003.npz`` .. ``train-00002-of-00003.npz`` take 54.33, 54.43 and
 26.25 MiB, ``test-00000-of-00001.npz`` 27.20 MiB, 162.22 MiB in all (written in 53 s
-on 2 shared cores; ``load_split`` reads both splits back from them in 4.3 s).
+on 2 shared cores; ``load_split`` reads both splits back from them in 1.5 s:
+``sum(len(ip.load_split(s, data_dir=OUT)) for s in ("train", "test"))``, timed).
 ``--exact-test-only`` keeps the 1,000 bit-exact test images (ids ``test_00000`` ..
 ``test_00999``, scattered through the split) out of the whole test split; with
 ``--train-limit 20000`` that makes one part each, 53.95 + 2.70 MiB.
