@@ -12,6 +12,7 @@ from ._solution import SolveStats as SolveStats
 from ._solvers import Anderson as Anderson
 from ._solvers import Broyden as Broyden
 from ._solvers import ForwardIteration as ForwardIteration
+from ._solvers import Solver as Solver
 from ._jacobian import jacobian_penalty as jacobian_penalty
 from ._jacobian import spectral_radius as spectral_radius
 

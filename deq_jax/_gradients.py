@@ -9,7 +9,7 @@ from jax import lax
 
 from ._solution import Solution
 from ._solvers import check_solver
-from ._solvers._loop import check_int
+from ._checks import check_int, check_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +66,7 @@ class Phantom:
 
     def __post_init__(self):
         check_int("Phantom", steps=self.steps)
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
-            raise ValueError(f"Phantom: damping must be a number in (0, 1], got {self.damping!r}.")
+        check_number("Phantom", "damping", self.damping, high=1.0, high_open=False)
 
 
 GRADIENTS = (Implicit, Phantom)

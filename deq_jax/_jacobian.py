@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._solvers._loop import check_int, check_problem
+from ._checks import check_int
+from ._solvers._loop import check_problem
 from ._tree import batch_ravel
 
 

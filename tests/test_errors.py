@@ -68,9 +68,9 @@ def test_errors_are_raised_at_trace_time_under_jit():
 
 def test_fixed_point_checks_its_arguments():
     f = lambda z, a: z * a
-    with pytest.raises(TypeError, match="solver must be one of"):
+    with pytest.raises(TypeError, match="solver must be a deq_jax.Solver instance"):
         dj.fixed_point(f, Z0, 0.5, solver="anderson")
-    with pytest.raises(TypeError, match="Implicit: solver must be one of"):
+    with pytest.raises(TypeError, match="Implicit: solver must be a deq_jax.Solver instance"):
         dj.fixed_point(f, Z0, 0.5, gradient=dj.Implicit(dj.Anderson))
     with pytest.raises(TypeError, match="gradient must be one of"):
         dj.fixed_point(f, Z0, 0.5, gradient="phantom")

@@ -1,8 +1,11 @@
-"""Solvers: known fixed points, per-example semantics, stats, jit/vmap, pytrees."""
+"""Solvers: known fixed points, per-example semantics, stats, jit/vmap, pytrees, a user-defined solver."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 from flax import nnx
 
 import deq_jax as dj
@@ -111,3 +114,41 @@ def test_solvers_are_hashable_static_arguments():
     assert hash(dj.Anderson(tol=1e-3)) == hash(dj.Anderson(tol=1e-3))
     solve = jax.jit(lambda z, solver: solver(jnp.tanh, z).value, static_argnums=1)
     assert solve(jnp.ones((2, 3)), dj.ForwardIteration(tol=1e-3)).shape == (2, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfStep(dj.Solver):
+    """A solver written outside the package: Krasnoselskii-Mann steps ``z <- (z + f(z)) / 2``."""
+
+    tol: float = 1e-10
+    max_iter: int = 200
+
+    def init(self, batch, features, dtype):
+        return jnp.zeros((batch, features), dtype)
+
+    def propose(self, history, k):
+        return history
+
+    def record(self, history, k, x, fx, active):
+        return jnp.where(active[:, None], (x + fx) / 2, history)
+
+
+def test_a_user_defined_solver_gets_per_example_stops_stats_and_gradients(x64):
+    f, z0 = tanh_problem()
+    solver = HalfStep()
+    sol = jax.jit(solver.__call__, static_argnums=0)(f, z0)
+    assert sol.converged.all() and (sol.residual < solver.tol).all()
+    np.testing.assert_allclose(sol.value, f(sol.value), atol=1e-9)
+    assert len(set(np.asarray(sol.num_steps).tolist())) > 1, "examples should stop at different steps"
+    g, z0, exact = affine_problem()
+    batched = solver(g, z0)
+    np.testing.assert_allclose(batched.value, exact, rtol=1e-8)
+    # Implicit gradients through fixed_point with the new solver, forward and backward.
+    rng = np.random.default_rng(3)
+    w, x = rng.normal(size=(6, 6)) * 0.1, rng.normal(size=(4, 6))
+    h = lambda z, args: jnp.tanh(z @ args[0] + args[1])
+    loss = lambda args: jnp.sum(jnp.sin(dj.fixed_point(h, jnp.zeros((4, 6)), args, solver=solver).value))
+    check_grads(loss, ((jnp.asarray(w), jnp.asarray(x)),), order=1, modes=("rev",), atol=1e-6,
+                              rtol=1e-6)
+    with pytest.raises(TypeError, match="Can't instantiate abstract class"):
+        type("Incomplete", (dj.Solver,), {})()

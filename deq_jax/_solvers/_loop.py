@@ -1,23 +1,104 @@
-"""The per-example iteration loop shared by every solver.
+"""The per-example iteration loop shared by every solver, and the public solver protocol :class:`Solver`.
 
-A solver supplies two pure functions over its own ``history`` pytree:
-``propose(history, k) -> x`` gives the next iterate of every example, and
-``record(history, k, x, fx, active) -> history`` stores a new pair ``(x, f(x))``
-for the examples still running. The loop does the rest: one f evaluation per
-iteration, per-example residuals, stops and the lowest-residual estimate.
+A solver supplies three pure functions over its own ``history`` pytree (see
+:class:`Solver`); the loop does the rest: one f evaluation per iteration,
+per-example residuals, stops and the lowest-residual estimate.
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._checks import check_int, check_number
 from .._solution import Solution
 from .._tree import batch_ravel
 
 RESIDUAL_EPS = 1e-5  # the chapter's guard against ||f(z)|| = 0
+
+
+class Solver(abc.ABC):
+    """The protocol of a fixed-point solver: subclass it to get everything the built-in ones get.
+
+    A solver is a frozen, hashable dataclass (so it can be a static argument of
+    ``jit``) with two fields, ``tol`` and ``max_iter``, and three pure methods over its
+    own ``history`` (any pytree of arrays). Iterates are flattened to ``[B, D]``: one row
+    per example. The shared loop calls ``init`` once, then ``record`` with the pair
+    ``(z0, f(z0))`` and, while some example is running, ``propose`` for the next
+    iterate of every example, one f evaluation, and ``record`` of the new pair. The
+    loop -- not the solver -- stops each example once its relative residual
+    ``||f(x) - x|| / (||f(x)|| + 1e-5)`` is below ``tol`` (or not finite), freezes it,
+    keeps each example's lowest-residual iterate and counts steps, so a new solver
+    gets per-example stopping, the :class:`deq_jax.Solution` statistics and both
+    gradient strategies of :func:`deq_jax.fixed_point` (its backward solve included)
+    for free.
+
+    ``record`` must leave the rows of examples outside ``active`` unchanged, so that a
+    stopped example stays frozen and an example solved alone or in a batch gets the
+    same iterates.
+
+    Example:
+      >>> import dataclasses, jax.numpy as jnp, deq_jax as dj
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Damped(dj.Solver):
+      ...     tol: float = 1e-2
+      ...     max_iter: int = 50
+      ...     def init(self, batch, features, dtype):
+      ...         return jnp.zeros((batch, features), dtype)
+      ...     def propose(self, history, k):
+      ...         return history  # the next iterate, stored by record
+      ...     def record(self, history, k, x, fx, active):
+      ...         return jnp.where(active[:, None], 0.5 * (x + fx), history)
+      >>> sol = Damped(tol=1e-6)(lambda z: 0.5 * z + 1.0, jnp.zeros((2, 3)))
+      >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 4)
+      (True, 2.0)
+    """
+
+    tol: float
+    max_iter: int
+
+    @abc.abstractmethod
+    def init(self, batch: int, features: int, dtype) -> Any:
+        """The empty history for ``batch`` examples of ``features`` scalars in ``dtype``."""
+
+    @abc.abstractmethod
+    def propose(self, history: Any, k: jax.Array) -> jax.Array:
+        """The next iterate ``[B, D]`` of every example; ``k`` (traced int) is the f evaluations so far."""
+
+    @abc.abstractmethod
+    def record(self, history: Any, k: jax.Array, x: jax.Array, fx: jax.Array, active: jax.Array) -> Any:
+        """The history after the ``k``-th f evaluation ``fx = f(x)`` (``[B, D]`` each; ``k = 0`` is ``z0``).
+
+        Rows where ``active`` (bool[B]) is False must stay unchanged.
+        """
+
+    def __call__(self, f: Callable, z0) -> Solution:
+        """Solves ``z = f(z)`` from ``z0``.
+
+        Args:
+          f: batched map, ``f(z)`` has the structure, shape and dtype of ``z``.
+          z0: initial estimate, a floating array (or pytree) with a leading batch axis.
+
+        Returns:
+          A :class:`deq_jax.Solution`.
+        """
+        return iterate(self, f, z0)
+
+
+def check_solver_options(solver: Solver) -> None:
+    """Checks the two fields every solver has: ``tol > 0`` and ``max_iter >= 1``."""
+    owner = type(solver).__name__
+    check_int(owner, max_iter=solver.max_iter)
+    check_number(owner, "tol", solver.tol)
+
+
+def check_solver(owner: str, solver) -> None:
+    """Raises ``TypeError`` unless ``solver`` is an instance of a :class:`Solver` subclass."""
+    if not isinstance(solver, Solver):
+        raise TypeError(f"{owner} must be a deq_jax.Solver instance (e.g. deq_jax.Anderson()), got {solver!r}.")
 
 
 class _LoopState(NamedTuple):
@@ -28,20 +109,6 @@ class _LoopState(NamedTuple):
     best_fx: jax.Array  # [B, D]: f(z) at the lowest-residual iterate z
     best_residual: jax.Array  # [B]
     trace: jax.Array  # [max_iter, B]
-
-
-def check_positive(owner: str, **values) -> None:
-    """Raises ``ValueError`` for a solver option that is not a positive number."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{owner}: {name} must be a positive number, got {value!r}.")
-
-
-def check_int(owner: str, **values) -> None:
-    """Raises ``ValueError`` for a solver option that is not a positive int."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}.")
 
 
 def select_rows(mask: jax.Array, new: jax.Array, old: Callable[[], jax.Array]) -> jax.Array:
@@ -94,33 +161,19 @@ def check_problem(owner: str, f: Callable, z0) -> None:
         )
 
 
-def iterate(
-    owner: str,
-    f: Callable,
-    z0,
-    *,
-    tol: float,
-    max_iter: int,
-    init_history: Callable,
-    propose: Callable,
-    record: Callable,
-) -> Solution:
-    """Runs a solver's ``propose``/``record`` pair under ``lax.while_loop``.
+def iterate(solver: Solver, f: Callable, z0) -> Solution:
+    """Runs ``solver``'s ``init``/``propose``/``record`` under ``lax.while_loop``, per example.
 
     Args:
-      owner: the solver's name, for error messages.
+      solver: the :class:`Solver` (its ``tol``, ``max_iter`` and update rule).
       f: batched map from a pytree like ``z0`` to the same.
       z0: initial estimate; a pytree of floating arrays with a leading batch axis.
-      tol: an example stops once its relative residual is below ``tol``.
-      max_iter: most f evaluations for any example (the first, at ``z0``, counts).
-      init_history: ``(batch, features, dtype) -> history``, the solver's empty
-        history for iterates flattened to ``[batch, features]``.
-      propose, record: the solver's update rule, see the module docstring.
 
     Returns:
       The :class:`Solution`; ``value`` is ``f(z)`` at each example's lowest-residual
       iterate ``z``.
     """
+    owner, tol, max_iter = type(solver).__name__, solver.tol, solver.max_iter
     check_problem(owner, f, z0)
     x0, unravel = batch_ravel(z0)
 
@@ -134,7 +187,8 @@ def iterate(
     trace = jnp.full((max_iter, batch), jnp.nan, x0.dtype).at[0].set(residual0)
     state = _LoopState(
         k=jnp.asarray(1, jnp.int32),
-        history=record(init_history(*x0.shape, x0.dtype), 0, x0, fx0, jnp.ones(batch, bool)),
+        history=solver.record(solver.init(*x0.shape, x0.dtype), jnp.asarray(0, jnp.int32), x0, fx0,
+                              jnp.ones(batch, bool)),
         active=running,
         num_steps=jnp.ones(batch, jnp.int32),
         best_fx=fx0,
@@ -146,7 +200,7 @@ def iterate(
         return (s.k < max_iter) & jnp.any(s.active)
 
     def body(s: _LoopState) -> _LoopState:
-        x = propose(s.history, s.k)
+        x = solver.propose(s.history, s.k)
         # f runs as a branch of a conditional (always taken: the loop only runs while some
         # example is active) so that its output is written to memory once. Otherwise
         # XLA fuses f's last elementwise ops (e.g. the cell's final GroupNorm) into each
@@ -157,7 +211,7 @@ def iterate(
         improved = s.active & (residual < s.best_residual)
         return _LoopState(
             k=s.k + 1,
-            history=record(s.history, s.k, x, fx, s.active),
+            history=solver.record(s.history, s.k, x, fx, s.active),
             active=s.active & (residual >= tol) & jnp.isfinite(residual),
             num_steps=s.num_steps + s.active,
             best_fx=select_rows(improved, fx, lambda: s.best_fx),

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from .._solution import Solution
-from ._loop import check_int, check_positive, iterate, select_rows
+from .._checks import check_int, check_number
+from ._loop import Solver, check_solver_options, select_rows
 
 
 class AndersonHistory(NamedTuple):
@@ -57,7 +57,7 @@ def mixing_weights(gram: jax.Array, num_valid: jax.Array, lam: float) -> jax.Arr
 
 
 @dataclasses.dataclass(frozen=True)
-class Anderson:
+class Anderson(Solver):
     """Anderson acceleration (the chapter's algorithm), per example.
 
     Each example has its own mixing coefficients, residual and stop: an example whose
@@ -93,51 +93,38 @@ class Anderson:
     max_iter: int = 50
 
     def __post_init__(self):
-        check_int("Anderson", m=self.m, max_iter=self.max_iter)
-        check_positive("Anderson", tol=self.tol, beta=self.beta)
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or self.lam < 0:
-            raise ValueError(f"Anderson: lam must be a number >= 0, got {self.lam!r}.")
+        check_solver_options(self)
+        check_int("Anderson", m=self.m)
+        check_number("Anderson", "beta", self.beta)
+        check_number("Anderson", "lam", self.lam, low_open=False)
 
-    def __call__(self, f: Callable, z0) -> Solution:
-        """Solves ``z = f(z)`` from ``z0``.
+    def init(self, batch, features, dtype) -> AndersonHistory:
+        """Empty ``[B, m, D]`` buffers and a zero Gram matrix (see :class:`deq_jax.Solver`)."""
+        empty = jnp.zeros((batch, self.m, features), dtype)
+        return AndersonHistory(empty, empty, jnp.zeros((batch, self.m, self.m), dtype))
 
-        Args:
-          f: batched map, ``f(z)`` has the structure, shape and dtype of ``z``.
-          z0: initial estimate, a floating array (or pytree) with a leading batch axis.
-
-        Returns:
-          A :class:`deq_jax.Solution`.
-        """
+    def propose(self, history: AndersonHistory, k) -> jax.Array:
+        """``beta F alpha + (1 - beta) X alpha`` over the stored pairs; ``f(z0)`` at ``k = 1``."""
         m = self.m
+        # The chapter's second iterate is plain f(z0), whatever beta is: alpha = e_0 and no
+        # X term at k = 1 (cheaper than selecting between two [B, D] iterates).
+        alpha = jnp.where(k == 1, jnp.eye(1, m, dtype=history.gram.dtype),
+                          mixing_weights(history.gram, jnp.minimum(k, m), self.lam))
+        # beta F alpha + (1 - beta) X alpha, with X = F - G.
+        mixed = jnp.einsum("bi,bid->bd", alpha, history.fx)
+        if self.beta != 1.0:
+            mixed -= jnp.where(k == 1, 0, 1 - self.beta) * jnp.einsum("bi,bid->bd", alpha, history.residual)
+        return mixed
 
-        def init_history(batch, features, dtype):
-            empty = jnp.zeros((batch, m, features), dtype)
-            return AndersonHistory(empty, empty, jnp.zeros((batch, m, m), dtype))
-
-        def propose(history, k):
-            # The chapter's second iterate is plain f(z0), whatever beta is: alpha = e_0 and no
-            # X term at k = 1 (cheaper than selecting between two [B, D] iterates).
-            alpha = jnp.where(k == 1, jnp.eye(1, m, dtype=history.gram.dtype),
-                              mixing_weights(history.gram, jnp.minimum(k, m), self.lam))
-            # beta F alpha + (1 - beta) X alpha, with X = F - G.
-            mixed = jnp.einsum("bi,bid->bd", alpha, history.fx)
-            if self.beta != 1.0:
-                mixed -= jnp.where(k == 1, 0, 1 - self.beta) * jnp.einsum("bi,bid->bd", alpha, history.residual)
-            return mixed
-
-        def record(history, k, x, fx, active):
-            slot = k % m
-            new = fx - x
-            residual = history.residual.at[:, slot].set(select_rows(active, new, lambda: history.residual[:, slot]))
-            # The new residual against every stored one (itself included): row and column `slot`.
-            row = jnp.where(active[:, None], jnp.einsum("bd,bjd->bj", new, residual), history.gram[:, slot])
-            return AndersonHistory(
-                fx=history.fx.at[:, slot].set(select_rows(active, fx, lambda: history.fx[:, slot])),
-                residual=residual,
-                gram=history.gram.at[:, slot, :].set(row).at[:, :, slot].set(row),
-            )
-
-        return iterate(
-            "Anderson", f, z0, tol=self.tol, max_iter=self.max_iter,
-            init_history=init_history, propose=propose, record=record,
+    def record(self, history: AndersonHistory, k, x, fx, active) -> AndersonHistory:
+        """Writes ``(f(x), f(x) - x)`` over slot ``k % m`` and updates the Gram matrix's row and column."""
+        slot = k % self.m
+        new = fx - x
+        residual = history.residual.at[:, slot].set(select_rows(active, new, lambda: history.residual[:, slot]))
+        # The new residual against every stored one (itself included): row and column `slot`.
+        row = jnp.where(active[:, None], jnp.einsum("bd,bjd->bj", new, residual), history.gram[:, slot])
+        return AndersonHistory(
+            fx=history.fx.at[:, slot].set(select_rows(active, fx, lambda: history.fx[:, slot])),
+            residual=residual,
+            gram=history.gram.at[:, slot, :].set(row).at[:, :, slot].set(row),
         )

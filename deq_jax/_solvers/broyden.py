@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from .._solution import Solution
-from ._loop import check_int, check_positive, iterate, select_rows
+from .._checks import check_int
+from ._loop import Solver, check_solver_options, select_rows
 
 
 class BroydenHistory(NamedTuple):
@@ -94,7 +94,7 @@ def broyden_update(history: BroydenHistory, k, x, g, active: jax.Array) -> Broyd
 
 
 @dataclasses.dataclass(frozen=True)
-class Broyden:
+class Broyden(Solver):
     """Broyden's method on ``g(z) = f(z) - z``, per example (the DEQ papers' and torchdeq's solver).
 
     The inverse Jacobian of ``g`` is approximated by ``H = -I + U V^T``, a sum of
@@ -129,28 +129,26 @@ class Broyden:
     memory: int | None = None
 
     def __post_init__(self):
-        check_int("Broyden", max_iter=self.max_iter)
-        check_positive("Broyden", tol=self.tol)
+        check_solver_options(self)
         if self.memory is not None:
             check_int("Broyden", memory=self.memory)
 
-    def __call__(self, f: Callable, z0) -> Solution:
-        """Solves ``z = f(z)`` from ``z0``; see :meth:`deq_jax.Anderson.__call__`."""
-        # Updates made at the last two f evaluations are never used by a proposal.
-        slots = max(1, self.max_iter - 2) if self.memory is None else self.memory
+    @property
+    def slots(self) -> int:
+        """Rank-one updates kept: ``memory``, or ``max_iter - 2`` (updates made at the last two
+        f evaluations are never used by a proposal)."""
+        return max(1, self.max_iter - 2) if self.memory is None else self.memory
 
-        def init_history(batch, features, dtype):
-            vectors = jnp.zeros((batch, features), dtype)
-            buffer = jnp.zeros((slots, batch, features), dtype)
-            return BroydenHistory(vectors, vectors, vectors, buffer, buffer)
+    def init(self, batch, features, dtype) -> BroydenHistory:
+        """Zero vectors and ``[memory, B, D]`` zero buffers (see :class:`deq_jax.Solver`)."""
+        vectors = jnp.zeros((batch, features), dtype)
+        buffer = jnp.zeros((self.slots, batch, features), dtype)
+        return BroydenHistory(vectors, vectors, vectors, buffer, buffer)
 
-        def record(history, k, x, fx, active):
-            return broyden_update(history, jnp.asarray(k), x, fx - x, active)
+    def propose(self, history: BroydenHistory, k) -> jax.Array:
+        """``x - H g``, the step computed when ``x`` was recorded."""
+        return history.x + history.step
 
-        def propose(history, k):
-            return history.x + history.step
-
-        return iterate(
-            "Broyden", f, z0, tol=self.tol, max_iter=self.max_iter,
-            init_history=init_history, propose=propose, record=record,
-        )
+    def record(self, history: BroydenHistory, k, x, fx, active) -> BroydenHistory:
+        """The rank-one update for ``(x, f(x))``, see :func:`broyden_update`."""
+        return broyden_update(history, jnp.asarray(k), x, fx - x, active)

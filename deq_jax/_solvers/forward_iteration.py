@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
-from .._solution import Solution
-from ._loop import check_int, check_positive, iterate, select_rows
+from ._loop import Solver, check_solver_options, select_rows
 
 
 @dataclasses.dataclass(frozen=True)
-class ForwardIteration:
+class ForwardIteration(Solver):
     """Forward iteration ``z_{k+1} = f(z_k)``, stopping each example on its own.
 
     Converges when ``f`` is a contraction near the fixed point; slower than
@@ -35,18 +34,16 @@ class ForwardIteration:
     max_iter: int = 50
 
     def __post_init__(self):
-        check_int("ForwardIteration", max_iter=self.max_iter)
-        check_positive("ForwardIteration", tol=self.tol)
+        check_solver_options(self)
 
-    def __call__(self, f: Callable, z0) -> Solution:
-        """Solves ``z = f(z)`` from ``z0``; see :meth:`deq_jax.Anderson.__call__`."""
+    def init(self, batch, features, dtype) -> jax.Array:
+        """The last image ``f(x)``, ``[B, D]`` (see :class:`deq_jax.Solver`)."""
+        return jnp.zeros((batch, features), dtype)
 
-        def record(last_fx, k, x, fx, active):
-            return select_rows(active, fx, lambda: last_fx)
+    def propose(self, last_fx, k) -> jax.Array:
+        """``f`` of the last iterate."""
+        return last_fx
 
-        return iterate(
-            "ForwardIteration", f, z0, tol=self.tol, max_iter=self.max_iter,
-            init_history=lambda batch, features, dtype: jnp.zeros((batch, features), dtype),
-            propose=lambda last_fx, k: last_fx,
-            record=record,
-        )
+    def record(self, last_fx, k, x, fx, active) -> jax.Array:
+        """Keeps ``f(x)`` of the running examples."""
+        return select_rows(active, fx, lambda: last_fx)
