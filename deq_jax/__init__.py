@@ -4,6 +4,9 @@ Per-example fixed-point solvers that compile end to end, a fixed-point function 
 exact implicit or phantom gradients, Jacobian regularisation, and Flax NNX layers (see :mod:`deq_jax.nn`).
 """
 from . import nn as nn
+from ._backend import BACKEND_CHOICES as BACKEND_CHOICES
+from ._backend import BackendChoices as BackendChoices
+from ._backend import backend_choices as backend_choices
 from ._fixed_point import fixed_point as fixed_point
 from ._gradients import Implicit as Implicit
 from ._gradients import Phantom as Phantom

@@ -9,6 +9,7 @@ from jax import lax
 
 from ._solution import Solution
 from ._solvers import check_solver
+from ._backend import backend_choices
 from ._checks import check_int, check_number
 
 
@@ -45,8 +46,9 @@ class Phantom:
     the Jacobian-free gradient (Fung et al. 2022): the value is ``f(z*)`` and the
     gradient ignores ``J_f``'s feedback. With ``damping < 1`` on a contractive ``f``,
     the gradient approaches the implicit one as ``steps`` grows. The steps are
-    unrolled in the graph (not a loop: on XLA:CPU a convolution's kernel gradient is
-    far slower inside a loop), so compile time grows with ``steps``.
+    unrolled in the graph where ``unrolled_phantom`` of :func:`deq_jax.backend_choices`
+    says so (XLA:CPU, where a convolution's kernel gradient is far slower inside a
+    loop; compile time then grows with ``steps``), else run by ``lax.fori_loop``.
 
     Cost: ``steps`` f evaluations beyond the solve, ``steps`` VJPs backward, and the
     activations of ``steps`` evaluations in memory.
@@ -90,7 +92,14 @@ def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom) -> Solution:
     solution = solver(lambda z: f(z, frozen_args), lax.stop_gradient(z0))
     z = lax.stop_gradient(solution.value)
     tau = gradient.damping
-    for _ in range(gradient.steps):
+
+    def step(_, z):
         fz = f(z, args)
-        z = fz if tau == 1 else jax.tree_util.tree_map(lambda a, b: tau * a + (1 - tau) * b, fz, z)
+        return fz if tau == 1 else jax.tree_util.tree_map(lambda a, b: tau * a + (1 - tau) * b, fz, z)
+
+    if backend_choices().unrolled_phantom:
+        for i in range(gradient.steps):
+            z = step(i, z)
+    else:
+        z = lax.fori_loop(0, gradient.steps, step, z)
     return dataclasses.replace(solution, value=z)

@@ -80,10 +80,7 @@ def make_problem(flags: argparse.Namespace):
       parameters explicit, its state, x ~ N(0, 1) in NHWC and w ~ N(0, 1) like x.
     """
     cell = dj.nn.ResNetCell(flags.channels, flags.inner, rngs=nnx.Rngs(flags.seed))
-    graphdef, params = nnx.split(cell)
-
-    def f(z, args):
-        return nnx.merge(graphdef, args[0])(z, args[1])
+    f, params = dj.nn.explicit_cell(cell)
 
     key_x, key_w = jax.random.split(jax.random.key(flags.seed))
     shape = (flags.batch, flags.size, flags.size, flags.channels)

@@ -15,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments.cifar10 import main, train
+from experiments.cifar10 import main, metrics, steps, train
+from experiments.cifar10.config import Config
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
 TINY = dict(batch_size=10, f_max_iter=4, b_max_iter=4)
@@ -23,7 +24,7 @@ MOCK_EXAMPLES = 30  # per split: 3 train steps; eval_limit=25 leaves a padded la
 PER_EPOCH_FIELDS = (
     "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_exact_accuracy", "lr",
     *(f"{p}_{s}" for p in ("fwd", "bwd") for s in ("steps_mean", "steps_max", "residual_mean", "residual_max")),
-    "test_spectral_radius_mean", "test_spectral_radius_max", *train.TIMING_FIELDS,
+    "test_spectral_radius_mean", "test_spectral_radius_max", *metrics.TIMING_FIELDS,
 )
 # Every training aid at once: the chapter's recipe is the other parametrisation.
 TOOLKIT = dict(solver="broyden", gradient="phantom", phantom_steps=2, phantom_damping=0.8, jac_reg=0.5,
@@ -51,7 +52,7 @@ def _history(workdir: Path) -> list[dict]:
 def mocked_run(mock_cifar10, tmp_path_factory, request):
     """Two short epochs on mocked data; returns (workdir, config, summary, compiled jit names)."""
     workdir = tmp_path_factory.mktemp("mocked")
-    config = train.Config(epochs=2, eval_limit=25, **TINY, **request.param)
+    config = Config(epochs=2, eval_limit=25, **TINY, **request.param)
     log, jax_logger = _CompileLog(), logging.getLogger("jax")
     jax_logger.addHandler(log)
     try:
@@ -64,8 +65,10 @@ def mocked_run(mock_cifar10, tmp_path_factory, request):
 
 def test_mocked_run_writes_metrics_summary_plots_and_compiles_once(mocked_run):
     workdir, config, summary, compiled = mocked_run
-    for name in ("train_step", "eval_step", "radius_step"):
-        assert compiled.count(f"jit({name})") == 1, compiled
+    # With 0 < --jac-reg-freq < 1: one train step with the penalty and one without, chosen on the host.
+    two_programs = config.jac_reg > 0 and config.jac_reg_freq < 1
+    for name, count in (("train_step", 1 + two_programs), ("eval_step", 1), ("radius_step", 1)):
+        assert compiled.count(f"jit({name})") == count, compiled
     history = _history(workdir)
     assert [m["epoch"] for m in history] == [1, 2]
     implicit = config.gradient == "implicit"
@@ -102,8 +105,8 @@ def test_resume_reproduces_the_uninterrupted_run(mocked_run, mock_cifar10, tmp_p
 
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  final_state(workdir), final_state(tmp_path))
-    strip = [{k: v for k, v in m.items() if k not in train.TIMING_FIELDS} for m in _history(workdir)]
-    assert [{k: v for k, v in m.items() if k not in train.TIMING_FIELDS} for m in _history(tmp_path)] == strip
+    strip = [{k: v for k, v in m.items() if k not in metrics.TIMING_FIELDS} for m in _history(workdir)]
+    assert [{k: v for k, v in m.items() if k not in metrics.TIMING_FIELDS} for m in _history(tmp_path)] == strip
 
 
 def test_time_budget_stops_cleanly_after_an_epoch(mocked_run, mock_cifar10, tmp_path):
@@ -146,7 +149,7 @@ def test_checkpoint_mistakes_are_clear_errors(mocked_run, mock_cifar10, tmp_path
 def test_real_data_loss_goes_down(tmp_path, dtype):
     if not (REAL_DATA / "cifar10").is_dir():
         pytest.skip(f"no prepared CIFAR-10 at {REAL_DATA}")
-    config = train.Config(data_dir=str(REAL_DATA), epochs=3, train_limit=100, eval_limit=100, dtype=dtype, **TINY)
+    config = Config(data_dir=str(REAL_DATA), epochs=3, train_limit=100, eval_limit=100, dtype=dtype, **TINY)
     summary = train.train_and_evaluate(config, tmp_path)
     losses = [m["train_loss"] for m in _history(tmp_path)]
     assert losses[2] < losses[0], losses
@@ -206,3 +209,29 @@ def test_bad_data_dir_is_a_one_line_error(data_dir, message, tmp_path):
         main.main(["--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / data_dir)])
     assert str(exit_info.value.code).startswith("error: ") and message in str(exit_info.value.code)
 
+
+
+def test_the_penalty_draw_is_a_function_of_seed_and_step():
+    config = Config(jac_reg=0.5, jac_reg_freq=0.3, seed=4)
+    draws = [steps.penalty_applies(config, step) for step in range(2000)]
+    assert draws == [steps.penalty_applies(config, step) for step in range(2000)]  # a resumed run draws the same
+    assert 0.26 < np.mean(draws) < 0.34
+    assert draws != [steps.penalty_applies(dataclasses.replace(config, seed=5), s) for s in range(2000)]
+    assert all(steps.penalty_applies(dataclasses.replace(config, jac_reg_freq=1.0), s) for s in range(10))
+    assert not any(steps.penalty_applies(Config(), s) for s in range(10))
+
+
+def test_the_penalty_key_is_not_a_key_nnx_draws_weights_from():
+    # nnx.Rngs(seed) draws its n-th key as fold_in(key(seed), n); the penalty's must differ.
+    nnx_keys = {tuple(np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(0), n)))) for n in range(200)}
+    penalty_keys = {tuple(np.asarray(jax.random.key_data(steps.penalty_key(0, n)))) for n in range(200)}
+    assert len(penalty_keys) == 200 and not nnx_keys & penalty_keys
+
+
+def test_errors_that_are_not_the_users_keep_their_traceback(monkeypatch, tmp_path):
+    def fails(config, workdir):
+        raise ValueError("raised inside XLA's compiler")  # e.g. a JAX or orbax ValueError
+
+    monkeypatch.setattr(train, "train_and_evaluate", fails)
+    with pytest.raises(ValueError, match="inside XLA"):  # not a SystemExit('error: ...')
+        main.main(["--workdir", str(tmp_path / "run")])

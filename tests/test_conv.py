@@ -9,7 +9,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 import deq_jax as dj
-from deq_jax.nn.conv import CONV_BY_BACKEND, default_conv, loop_friendly_conv
+from deq_jax.nn.conv import CONVS, default_conv, loop_friendly_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -81,18 +81,18 @@ def test_cell_gradients_match_a_cell_with_lax_convolutions(x64):
 
 def test_default_conv_reads_the_table_per_backend():
     assert default_conv("cpu") is loop_friendly_conv  # the one backend measured
-    for backend, conv in CONV_BY_BACKEND.items():
-        assert default_conv(backend) is conv
+    for backend, choices in dj.BACKEND_CHOICES.items():
+        assert default_conv(backend) is CONVS[choices.conv]
     assert default_conv("some_plugin") is lax.conv_general_dilated  # the form that supports everything
 
 
 def test_the_cell_takes_the_default_conv_of_the_backend_when_built(monkeypatch):
     assert dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)).conv1.conv_general_dilated is default_conv()
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert default_conv() is CONV_BY_BACKEND["tpu"] is lax.conv_general_dilated
+    assert default_conv() is lax.conv_general_dilated
     cell = dj.nn.ResNetCell(8, 16, num_groups=4, weight_norm=True, rngs=nnx.Rngs(0))
     assert cell.conv1.layer.conv_general_dilated is cell.conv2.layer.conv_general_dilated is lax.conv_general_dilated
-    monkeypatch.setitem(CONV_BY_BACKEND, "tpu", loop_friendly_conv)  # flipping an entry is all it takes
+    monkeypatch.setitem(dj.BACKEND_CHOICES, "tpu", dj.BackendChoices(conv="loop_friendly"))  # one entry flips it
     assert dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)).conv2.conv_general_dilated is loop_friendly_conv
 
 

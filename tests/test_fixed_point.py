@@ -22,9 +22,8 @@ def small_cell(seed=0, scale=3.0, dtype=jnp.float64):
 
 def cell_problem(batch=2, seed=0, dtype=jnp.float64):
     cell = small_cell(seed, dtype=dtype)
-    graphdef, params = nnx.split(cell)
+    f, params = dj.nn.explicit_cell(cell)
     x = jax.random.normal(jax.random.key(seed), (batch, 3, 3, 4), dtype)
-    f = lambda z, args: nnx.merge(graphdef, args[0])(z, args[1])
     return f, params, x
 
 

@@ -16,9 +16,8 @@ def cell_problem(scale, seed=0):
     cell = dj.nn.ResNetCell(4, 6, num_groups=2, param_dtype=jnp.float64, rngs=nnx.Rngs(seed))
     for conv in (cell.conv1, cell.conv2):
         conv.kernel[...] = conv.kernel[...] * scale
-    graphdef, params = nnx.split(cell)
+    f, params = dj.nn.explicit_cell(cell)
     x = jax.random.normal(jax.random.key(seed), (2, 3, 3, 4), jnp.float64)
-    f = lambda z, args: nnx.merge(graphdef, args[0])(z, args[1])
     return f, params, x
 
 

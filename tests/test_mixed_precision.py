@@ -133,12 +133,14 @@ def test_solvers_converge_in_bfloat16_forward_and_backward(solver):
 
     @nnx.jit
     def step(deq):
-        diff = nnx.DiffState(0, nnx.Any(nnx.Param, dj.nn.BackwardStatsProbe))
-        return nnx.grad(lambda deq: jnp.sum(w * deq(x)), argnums=diff)(deq)
+        def loss(deq):
+            solution = deq.solve(x)
+            return jnp.sum(w * solution.value), solution.stats()
 
-    grads = step(deq)
-    for stats in (dj.SolveStats.from_array(deq.forward_stats[...]),
-                  dj.SolveStats.from_array(grads["backward_stats"][...])):
+        return nnx.grad(loss, argnums=nnx.DiffState(0, dj.nn.WITH_BACKWARD_STATS), has_aux=True)(deq)
+
+    grads, forward = step(deq)
+    for stats in (forward, dj.nn.split_backward_stats(grads)[1][""]):
         assert stats.converged_fraction == 1 and stats.max_residual < solver.tol
         assert stats.mean_steps > 3  # a real solve, not a map that is constant in z
 

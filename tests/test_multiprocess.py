@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments.cifar10 import distributed, main
+from experiments.cifar10 import distributed, errors, main
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("cifar10_worker.py")
@@ -235,6 +235,26 @@ def test_an_unreachable_coordinator_is_a_one_line_error_after_the_init_timeout(t
     cluster = distributed.Cluster(f"127.0.0.1:{_free_port()}", 2, 1, init_timeout_s=1)
     with pytest.raises(ValueError, match="process 1 could not reach the coordinator .* within --init-timeout 1 s"):
         distributed.initialize(cluster)
+
+
+def test_a_detected_cluster_that_cannot_be_joined_is_an_error_not_one_process(monkeypatch):
+    # A SLURM task as JAX detects it; its initialize() then fails, as it does when JAX is already in use.
+    slurm = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node1", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+             "SLURM_LOCALID": "1"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.detected_cluster() == "SlurmCluster"
+
+    def fails(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("UNAVAILABLE: failed to connect to the coordinator")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fails)
+    with pytest.raises(errors.UsageError, match="detected a SlurmCluster cluster but this process could not join"):
+        distributed.initialize(distributed.Cluster())
+    for name in slurm:
+        monkeypatch.delenv(name)
+    assert distributed.detected_cluster() is None
+    distributed.initialize(distributed.Cluster())  # no cluster: one process, JAX's initialize never called
 
 
 def test_the_coordinator_bypasses_a_proxy(monkeypatch):

@@ -62,18 +62,63 @@ def test_deq_under_nnx_jit_and_grad_matches_fixed_point(x64):
 
     @nnx.jit
     def step(deq, x):
-        diff = nnx.DiffState(0, nnx.Any(nnx.Param, dj.nn.BackwardStatsProbe))
-        return nnx.value_and_grad(lambda deq: jnp.sum(w * deq(x)), argnums=diff)(deq)
+        def loss(deq):
+            solution = deq.solve(x)
+            return jnp.sum(w * solution.value), solution.stats()
 
-    loss, grads = step(deq, x)
-    graphdef, cell_params = nnx.split(deq.cell)
-    f = lambda z, args: nnx.merge(graphdef, args[0])(z, args[1])
+        diff = nnx.DiffState(0, dj.nn.WITH_BACKWARD_STATS)
+        return nnx.value_and_grad(loss, argnums=diff, has_aux=True)(deq)
+
+    (loss, forward), grads = step(deq, x)
+    grads, backward = dj.nn.split_backward_stats(grads)
+    backward = backward[""]
+    f, params = dj.nn.explicit_cell(deq.cell)
     explicit = jax.grad(lambda p: jnp.sum(w * dj.fixed_point(f, jnp.zeros_like(x), (p, x), solver=TIGHT).value))
-    want = explicit(cell_params)
+    want = explicit(params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), grads["cell"], want)
-
-    forward = dj.SolveStats.from_array(deq.forward_stats[...])
-    backward = dj.SolveStats.from_array(grads["backward_stats"][...])
+    paths = lambda state: {path for path, _ in nnx.to_flat_state(state)}
+    assert paths(grads) == paths(nnx.state(deq, nnx.Param))
     for stats in (forward, backward):
         assert stats.converged_fraction == 1 and 1 < stats.mean_steps <= stats.max_steps < TIGHT.max_iter
         assert stats.max_residual < TIGHT.tol
+
+
+class DropoutCell(nnx.Module):
+    """``tanh(dropout(z W) + x)`` with a mask drawn from the cell's own rngs, and a call counter."""
+
+    def __init__(self, features, rate, rngs):
+        self.linear = nnx.Linear(features, features, use_bias=False, rngs=rngs)
+        self.linear.kernel[...] = 0.5 * self.linear.kernel[...] / np.linalg.norm(self.linear.kernel[...], 2)
+        self.dropout = nnx.Dropout(rate, rngs=rngs)
+        self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+
+    def __call__(self, z, x):
+        self.calls[...] += 1
+        return jnp.tanh(self.dropout(self.linear(z)) + x)
+
+
+def test_cell_state_is_fixed_during_a_solve_and_advances_once_per_call():
+    """One dropout mask per solve (z* = f(z*) with that pass's mask), a new one on the next call."""
+    deq = dj.nn.DEQ(DropoutCell(16, 0.5, nnx.Rngs(0, dropout=1)), solver=dj.Anderson(tol=1e-6, max_iter=100))
+    x = jax.random.normal(jax.random.key(2), (3, 16))
+    call = nnx.jit(lambda deq, x: deq.solve(x))
+    f, before = dj.nn.explicit_cell(nnx.clone(deq.cell))  # the state before the call
+    first = call(deq, x)
+    assert first.converged.all()
+    # The fixed point of the map with the mask this pass drew (the state before the call).
+    np.testing.assert_allclose(f(first.value, (before, x)), first.value, atol=1e-5)
+    assert int(deq.cell.calls[...]) == 1  # as one application of the cell, however many solver steps
+    _, after = dj.nn.explicit_cell(nnx.clone(deq.cell))
+    second = call(deq, x)
+    np.testing.assert_allclose(f(second.value, (after, x)), second.value, atol=1e-5)
+    assert not np.allclose(first.value, second.value, atol=1e-3), "two calls drew the same mask"
+    # The backward solve sees the same mask as the forward one: the implicit gradient of that map.
+    _, before = dj.nn.explicit_cell(nnx.clone(deq.cell))
+    grads = nnx.grad(lambda deq: jnp.sum(deq(x) ** 2))(deq)
+    want = jax.grad(lambda s: jnp.sum(dj.fixed_point(f, jnp.zeros_like(x), (s, x), solver=deq.solver).value ** 2),
+                    allow_int=True)
+    np.testing.assert_allclose(grads["cell"]["linear"]["kernel"][...], want(before)["linear"]["kernel"][...], rtol=1e-4)
+    deq.eval()  # deterministic dropout: no draw, so the state no longer moves
+    counts = int(deq.cell.dropout.rngs.count[...])
+    deq(x)
+    assert int(deq.cell.dropout.rngs.count[...]) == counts

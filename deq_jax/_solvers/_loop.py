@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._backend import backend_choices
 from .._checks import check_int, check_number
 from .._solution import Solution
 from .._tree import batch_ravel
@@ -112,17 +113,20 @@ class _LoopState(NamedTuple):
 
 
 def select_rows(mask: jax.Array, new: jax.Array, old: Callable[[], jax.Array]) -> jax.Array:
-    """``where(mask[:, None], new, old())`` that reads ``old`` only when some row keeps it.
+    """``where(mask[:, None], new, old())``, reading ``old`` only when some row keeps it where that pays.
 
     A select reads both of its operands in full; in the usual case -- every example of
-    the batch still running -- this conditional reads only ``new`` (history and
-    best-iterate writes of every step).
+    the batch still running -- a conditional reads only ``new`` (history and
+    best-iterate writes of every step). Whether to use it is ``conditional_writes`` of
+    :func:`deq_jax.backend_choices`.
 
     Args:
       mask: bool[B], rows that take ``new``.
       new: [B, D].
       old: returns the [B, D] rows to keep where ``mask`` is False.
     """
+    if not backend_choices().conditional_writes:
+        return jnp.where(mask[:, None], new, old())
     return lax.cond(jnp.all(mask), lambda: new, lambda: jnp.where(mask[:, None], new, old()))
 
 
@@ -174,6 +178,7 @@ def iterate(solver: Solver, f: Callable, z0) -> Solution:
       iterate ``z``.
     """
     owner, tol, max_iter = type(solver).__name__, solver.tol, solver.max_iter
+    f_in_cond = backend_choices().f_in_cond
     check_problem(owner, f, z0)
     x0, unravel = batch_ravel(z0)
 
@@ -201,12 +206,10 @@ def iterate(solver: Solver, f: Callable, z0) -> Solution:
 
     def body(s: _LoopState) -> _LoopState:
         x = solver.propose(s.history, s.k)
-        # f runs as a branch of a conditional (always taken: the loop only runs while some
-        # example is active) so that its output is written to memory once. Otherwise
-        # XLA fuses f's last elementwise ops (e.g. the cell's final GroupNorm) into each
-        # of the four consumers below and recomputes them there, a large part of an f
-        # evaluation per step on XLA:CPU. lax.optimization_barrier does not stop it.
-        fx = lax.cond(jnp.any(s.active), f_flat, lambda x: x, x)
+        # With f_in_cond, f runs as a branch of a conditional (always taken: the loop only
+        # runs while some example is active) so that its output is written once (see
+        # BackendChoices.f_in_cond).
+        fx = lax.cond(jnp.any(s.active), f_flat, lambda x: x, x) if f_in_cond else f_flat(x)
         residual = relative_residual(x, fx)
         improved = s.active & (residual < s.best_residual)
         return _LoopState(

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._backend import backend_choices
+
 
 def _plain_conv(lhs, rhs, padding, dimension_numbers, precision):
     return lax.conv_general_dilated(
@@ -104,23 +106,14 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
     return _conv(lhs, rhs, padding, dimension_numbers, precision)
 
 
-# The convolution a ResNetCell uses by default on each backend. Only "cpu" is measured
-# (XLA:CPU, jax 0.10.2: the input gradient in a loop, 1452 ms with lax's form against
-# 44 ms with loop_friendly_conv, `python -m experiments.benchmarks.ops`). The "gpu" and
-# "tpu" entries are unmeasured guesses, to be set from a device run of the same benchmark:
-# cuDNN's and XLA:TPU's own gradient convolutions may well beat the in-memory flip.
-CONV_BY_BACKEND = {
-    "cpu": loop_friendly_conv,
-    "gpu": loop_friendly_conv,
-    "tpu": lax.conv_general_dilated,
-}
+CONVS = {"loop_friendly": loop_friendly_conv, "lax": lax.conv_general_dilated}
 
 
 def default_conv(backend: str | None = None):
-    """The convolution :class:`deq_jax.nn.ResNetCell` uses when given none.
+    """The convolution :class:`deq_jax.nn.ResNetCell` uses when given none: ``conv`` of :func:`deq_jax.backend_choices`.
 
-    Looked up in :data:`CONV_BY_BACKEND` when called (not when this module is
-    imported), so the process's backend -- or a patched table -- decides.
+    Looked up when called (not when this module is imported), so the process's
+    backend -- or a patched :data:`deq_jax.BACKEND_CHOICES` -- decides.
 
     Args:
       backend: a platform name as ``jax.default_backend()`` gives it (``"cpu"``,
@@ -134,5 +127,4 @@ def default_conv(backend: str | None = None):
       >>> default_conv("cpu") is loop_friendly_conv
       True
     """
-    backend = jax.default_backend() if backend is None else backend
-    return CONV_BY_BACKEND.get(backend, lax.conv_general_dilated)
+    return CONVS[backend_choices(backend).conv]

@@ -8,30 +8,109 @@ from flax import nnx
 from .._fixed_point import fixed_point
 from .._gradients import Implicit
 from .._jacobian import jacobian_penalty, spectral_radius
-from .._solution import NUM_STATS
+from .._solution import NUM_STATS, Solution, SolveStats
 from .._solvers import Anderson
-
-
-class ForwardStats(nnx.Variable):
-    """The last forward solve's ``SolveStats`` as a vector (see ``SolveStats.from_array``)."""
 
 
 class BackwardStatsProbe(nnx.Variable):
     """Zeros whose *gradient* is the backward solve's ``SolveStats`` vector.
 
-    Differentiate w.r.t. it beside the parameters to read the backward statistics
-    inside a jitted step: ``nnx.DiffState(0, nnx.Any(nnx.Param, BackwardStatsProbe))``.
+    Users need not touch it: differentiate with :data:`WITH_BACKWARD_STATS` and read the
+    statistics with :func:`split_backward_stats`.
     """
+
+
+WITH_BACKWARD_STATS = nnx.Any(nnx.Param, BackwardStatsProbe)
+"""The filter to differentiate by to get the backward statistics: parameters and every DEQ's probe."""
+
+
+def split_backward_stats(grads: nnx.State) -> tuple[nnx.State, dict[str, SolveStats]]:
+    """Separates the backward solves' statistics from the parameter gradients.
+
+    Args:
+      grads: gradients taken w.r.t. :data:`WITH_BACKWARD_STATS` (an ``nnx.State``).
+
+    Returns:
+      ``(param_grads, stats)``: the gradients without the probes (ready for an
+      optimizer), and each DEQ layer's backward :class:`deq_jax.SolveStats` keyed by
+      the layer's path (``"deq"``, ``"encoder/deq"``; ``""`` for a DEQ differentiated
+      itself). With :class:`deq_jax.Phantom`, which solves nothing backward, the
+      statistics are zeros.
+
+    Example:
+      >>> import jax.numpy as jnp, deq_jax as dj
+      >>> from flax import nnx
+      >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.ones((2, 6, 6, 8))
+      >>> diff = nnx.DiffState(0, dj.nn.WITH_BACKWARD_STATS)
+      >>> grads = nnx.grad(lambda deq: jnp.mean(deq(x) ** 2), argnums=diff)(deq)
+      >>> grads, stats = dj.nn.split_backward_stats(grads)
+      >>> bool(stats[""].mean_steps > 0)
+      True
+    """
+    probes, params = nnx.split_state(grads, BackwardStatsProbe, ...)
+    stats = {"/".join(map(str, path[:-1])): SolveStats.from_array(variable[...])
+             for path, variable in nnx.to_flat_state(probes)}
+    return params, stats
+
+
+def explicit_cell(cell: nnx.Module):
+    """A cell as a pure function of explicit arrays: ``(f, state)`` with ``f(z, (state, x)) = cell(z, x)``.
+
+    The adapter at the solver boundary (:func:`deq_jax.fixed_point` needs every array
+    ``f`` depends on as an argument): ``state`` is the cell's whole ``nnx.State``, its
+    parameters and every other variable (RNG streams, statistics). Each call of ``f``
+    starts from ``state`` as given and keeps no update, so whatever the cell draws
+    from its RNG streams -- a dropout mask, say -- is the same at every solver
+    iteration and in the backward solve.
+
+    ``f``'s output is cast to ``z``'s dtype: the cast keeps a solver state in float32
+    when the cell computes in bfloat16, and its transpose keeps the backward solve there.
+
+    Args:
+      cell: an NNX module called as ``cell(z, x)``.
+
+    Returns:
+      ``(f, state)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, deq_jax as dj
+      >>> from flax import nnx
+      >>> f, state = dj.nn.explicit_cell(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.ones((2, 6, 6, 8))
+      >>> dj.fixed_point(f, jnp.zeros_like(x), (state, x)).value.shape
+      (2, 6, 6, 8)
+    """
+    graphdef, state = nnx.split(cell)
+
+    def f(z, args):
+        state, x = args
+        # copy=True: the state may hold Variables of an outer trace, which NNX would refuse to update here.
+        return nnx.merge(graphdef, state, copy=True)(z, x).astype(z.dtype)
+
+    return f, state
 
 
 class DEQ(nnx.Module):
     """Deep equilibrium layer: returns ``z* = cell(z*, x)``.
 
-    The cell's whole state is split off and passed to :func:`deq_jax.fixed_point` as an
-    explicit argument (with the injection ``x``), so every parameter receives its
+    The cell is split into explicit arrays (:func:`explicit_cell`) and passed to
+    :func:`deq_jax.fixed_point` with the injection ``x``, so every parameter receives its
     gradient and nothing traced is closed over. The training aids
     :meth:`jacobian_penalty` and :meth:`spectral_radius` apply to the same cell
     without rebuilding ``f``.
+
+    Statistics leave by return values only: :meth:`solve` returns the forward
+    :class:`deq_jax.Solution`; the backward solve's statistics arrive with the
+    gradients (:func:`split_backward_stats`).
+
+    The cell's non-parameter state (RNG streams, counters, statistics): every solver
+    iteration, the backward solve and the training aids see it as it was before the
+    call -- a dropout mask drawn from the cell's rngs is the same throughout one
+    solve, the variational dropout of the DEQ papers -- and after the solve it
+    advances as one application of the cell at the fixed point would advance it (so
+    the next call draws a new mask). Under ``jit`` that application costs nothing
+    when only RNG counters change: its output is unused and XLA removes it.
 
     Mixed precision: the solver state ``z`` -- iterates, solver history, residuals --
     and the backward solve stay in ``z0``'s dtype, float32 by default, whatever the
@@ -50,7 +129,6 @@ class DEQ(nnx.Module):
         system, the forward one if None) or :class:`deq_jax.Phantom`.
 
     Attributes:
-      forward_stats: :class:`ForwardStats`, updated on every call.
       backward_stats: :class:`BackwardStatsProbe`, whose gradient holds the backward
         solve's statistics.
 
@@ -58,19 +136,22 @@ class DEQ(nnx.Module):
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> from flax import nnx
       >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
-      >>> z = deq(jnp.ones((2, 6, 6, 8)))
-      >>> z.shape, dj.SolveStats.from_array(deq.forward_stats[...]).mean_steps > 0
-      ((2, 6, 6, 8), Array(True, dtype=bool))
+      >>> solution = deq.solve(jnp.ones((2, 6, 6, 8)))
+      >>> solution.value.shape, bool(solution.stats().mean_steps > 0)
+      ((2, 6, 6, 8), True)
     """
 
     def __init__(self, cell: nnx.Module, *, solver=Anderson(tol=1e-2, max_iter=25, m=5), gradient=Implicit()):
         self.cell = cell
         self.solver = solver
         self.gradient = gradient
-        self.forward_stats = ForwardStats(jnp.zeros(NUM_STATS, jnp.float32))
         self.backward_stats = BackwardStatsProbe(jnp.zeros(NUM_STATS, jnp.float32))
 
     def __call__(self, x: jax.Array, z0: jax.Array | None = None) -> jax.Array:
+        """The fixed point ``z*``: ``self.solve(x, z0).value``."""
+        return self.solve(x, z0).value
+
+    def solve(self, x: jax.Array, z0: jax.Array | None = None) -> Solution:
         """Solves for the equilibrium of ``cell(., x)``.
 
         Args:
@@ -80,17 +161,24 @@ class DEQ(nnx.Module):
             ``x``'s dtype promoted to at least float32 (float32 for a bfloat16 ``x``).
 
         Returns:
-          The fixed point estimate, shaped like ``x`` (or ``z0``), in ``z0``'s dtype.
+          The forward :class:`deq_jax.Solution`; its ``value``, shaped like ``x`` (or
+          ``z0``) in ``z0``'s dtype, is differentiable w.r.t. the cell and ``x``.
         """
         if z0 is None:
             z0 = jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))
-        f, cell_state = self._explicit_cell()
+        f, state = explicit_cell(self.cell)
         solution = fixed_point(
-            f, z0, (cell_state, x), solver=self.solver, gradient=self.gradient,
+            f, z0, (state, x), solver=self.solver, gradient=self.gradient,
             backward_stats_probe=self.backward_stats[...],
         )
-        self.forward_stats[...] = solution.stats().to_array()
-        return solution.value
+        self._advance_state(solution.value, x)
+        return solution
+
+    def _advance_state(self, z: jax.Array, x: jax.Array) -> None:
+        """Updates the cell's non-parameter state as one application at ``z`` would (nothing if it has none)."""
+        if not jax.tree.leaves(nnx.state(self.cell, nnx.Not(nnx.Param))):
+            return
+        self.cell(*jax.lax.stop_gradient((z, x)))
 
     def jacobian_penalty(self, x: jax.Array, z: jax.Array, key: jax.Array, num_vectors: int = 1) -> jax.Array:
         """:func:`deq_jax.jacobian_penalty` of ``cell(., x)`` at ``z``: ``||J||_F^2 / D`` per example.
@@ -118,8 +206,8 @@ class DEQ(nnx.Module):
           ...     return jnp.mean(z ** 2) + 0.1 * deq.jacobian_penalty(x, jax.lax.stop_gradient(z), jax.random.key(0)).mean()
           >>> grads = nnx.grad(loss)(deq)
         """
-        f, cell_state = self._explicit_cell()
-        return jacobian_penalty(f, z, (cell_state, x), key, num_vectors)
+        f, state = explicit_cell(self.cell)
+        return jacobian_penalty(f, z, (state, x), key, num_vectors)
 
     def spectral_radius(self, x: jax.Array, z: jax.Array, key: jax.Array, num_iters: int = 100) -> jax.Array:
         """:func:`deq_jax.spectral_radius` of ``cell(., x)``'s Jacobian at ``z``, per example.
@@ -141,19 +229,5 @@ class DEQ(nnx.Module):
           >>> deq.spectral_radius(x, deq(x), jax.random.key(0), num_iters=20).shape
           (2,)
         """
-        f, cell_state = self._explicit_cell()
-        return spectral_radius(f, z, (cell_state, x), key, num_iters)
-
-    def _explicit_cell(self):
-        """``(f, cell_state)``: the cell as a pure function, ``f(z, (cell_state, x)) = self.cell(z, x)``.
-
-        ``f``'s output is cast to ``z``'s dtype. The cast is what keeps the solvers' state in ``z``'s dtype when the cell
-        computes in a narrower one; its transpose keeps the backward solve there too.
-        """
-        graphdef, cell_state = nnx.split(self.cell)
-
-        def f(z, args):
-            state, injection = args
-            return nnx.merge(graphdef, state)(z, injection).astype(z.dtype)
-
-        return f, cell_state
+        f, state = explicit_cell(self.cell)
+        return spectral_radius(f, z, (state, x), key, num_iters)

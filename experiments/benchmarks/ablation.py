@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.cifar10 import train
+from experiments.cifar10.config import Config
 
 from . import common
 
@@ -58,7 +59,7 @@ def train_one(name: str, seed: int, sizes: dict, data_dir: str | None, workdir: 
     again, so an interrupted ablation continues where it stopped; an unfinished one
     starts over.
     """
-    config = train.Config(data_dir=data_dir, seed=seed, **{**sizes, **SETTINGS[name]})  # the setting's cap wins
+    config = Config(data_dir=data_dir, seed=seed, **{**sizes, **SETTINGS[name]})  # the setting's cap wins
     run_dir = workdir / f"{''.join(c if c.isalnum() else '_' for c in name)}-seed{seed}"
     done = run_dir / "summary.json"
     if done.exists() and json.loads(done.read_text())["config"] == dataclasses.asdict(config):

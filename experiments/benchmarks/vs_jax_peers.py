@@ -45,13 +45,6 @@ SIZES = {"full": (64, 128, 10, 32), "quick": (8, 16, 2, 8)}
 TOL, MAX_ITER = 1e-4, 50
 
 
-def make_f(graphdef):
-    """``f(z, (params, x))`` for a batch, from a split cell."""
-    def f(z, args):
-        return nnx.merge(graphdef, args[0])(z, args[1])
-    return f
-
-
 def one_example(f):
     """``f`` for a single example (no batch axis), as vmapped peers call it."""
     def f1(z, args):
@@ -118,10 +111,10 @@ def optimistix_contender(f):
 def reference_gradient(cell, x, w):
     """dL/d(params, x) in float64 with a tight Anderson solve both ways."""
     with jax.enable_x64(True):
-        graphdef, params = nnx.split(cell)
+        f, params = dj.nn.explicit_cell(cell)
         params64, x64, w64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), (params, x, w))
         solver = dj.Anderson(m=5, lam=1e-12, tol=1e-10, max_iter=300)
-        _, loss = deq_jax_contender(make_f(graphdef), solver)
+        _, loss = deq_jax_contender(f, solver)
         grads = jax.jit(jax.grad(loss))((params64, x64), w64)
         return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), grads)
 
@@ -131,7 +124,7 @@ def contenders(channels, inner, batch, size, quick=False):
     cell, f, params, x, w = common.cell_problem(channels, inner, batch, size)
     plain_cell = dj.nn.ResNetCell(channels, inner, conv_general_dilated=jax.lax.conv_general_dilated,
                                   rngs=nnx.Rngs(0))
-    plain_f = make_f(nnx.graphdef(plain_cell))
+    plain_f, _ = dj.nn.explicit_cell(plain_cell)
     dim = int(np.prod(x.shape[1:]))
     anderson = dj.Anderson(m=5, lam=1e-4, beta=1.0, tol=TOL, max_iter=MAX_ITER)
     out = {"deq_jax Anderson": ("loop_friendly_conv", *deq_jax_contender(f, anderson))}

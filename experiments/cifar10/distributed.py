@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
+from .errors import BadInputError
+
 # JAX's defaults (300 s to start, 100 s without heartbeats, 300 s in the shutdown barrier)
 # keep the survivors of a dead peer alive for minutes; these end such a run in seconds.
 INIT_TIMEOUT_S = 120  # how long a process waits for all the others to start
@@ -58,14 +60,14 @@ class Cluster:
 
     def __post_init__(self):
         if self.num_processes is not None and self.num_processes < 1:
-            raise ValueError(f"--num-processes must be >= 1, got {self.num_processes}")
+            raise BadInputError(f"--num-processes must be >= 1, got {self.num_processes}")
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or np.inf):
-            raise ValueError(f"--process-id must be in 0 .. --num-processes - 1, got {self.process_id}")
+            raise BadInputError(f"--process-id must be in 0 .. --num-processes - 1, got {self.process_id}")
         if self.coordinator_address is not None:
             _split_address(self.coordinator_address)
         for name in ("init_timeout_s", "heartbeat_timeout_s"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name[:-2].replace('_', '-')} must be >= 1 second, got {getattr(self, name)}")
+                raise BadInputError(f"--{name[:-2].replace('_', '-')} must be >= 1 second, got {getattr(self, name)}")
 
     @property
     def explicit(self) -> bool:
@@ -76,15 +78,16 @@ class Cluster:
 def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--coordinator-address must be HOST:PORT, got {address!r}")
+        raise BadInputError(f"--coordinator-address must be HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
 
 
 def initialize(cluster: Cluster) -> None:
     """Joins the run ``cluster`` describes; must come before anything touches a device.
 
-    Without flags it asks JAX to detect a cluster (SLURM, Open MPI, Cloud TPU) and runs
-    as one process where there is none. With flags, a mistake is an error:
+    Without flags, a cluster that JAX detects (SLURM, Open MPI, Cloud TPU, Kubernetes;
+    :func:`detected_cluster`) is joined, and a failure to join it is an error; with no
+    cluster detected the run is one process. With flags, a mistake is an error:
 
     - the coordinator's host is added to ``no_proxy``, since gRPC would otherwise send the
       processes' own connections through an ``http_proxy``;
@@ -99,8 +102,24 @@ def initialize(cluster: Cluster) -> None:
       cluster: the flags.
 
     Raises:
-      ValueError: a busy port, or processes that did not all start in time.
+      BadInputError: a busy port, processes that did not all start in time, or a detected
+        cluster that could not be joined (never N independent runs in one workdir).
     """
+    if not cluster.explicit:
+        found = detected_cluster()
+        if found is None:
+            return  # one process
+        try:
+            jax.distributed.initialize(initialization_timeout=cluster.init_timeout_s,
+                                       heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
+                                       shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+        except Exception as e:  # JaxRuntimeError, or RuntimeError when JAX is already in use
+            raise BadInputError(
+                f"JAX detected a {found} cluster but this process could not join it ({type(e).__name__}: {e}); "
+                "running on as one process would make every task a separate run writing into one workdir. "
+                "Pass --coordinator-address/--num-processes/--process-id, or run outside the cluster job."
+            ) from e
+        return
     if cluster.coordinator_address is not None:
         host, port = _split_address(cluster.coordinator_address)
         _bypass_proxy(host)
@@ -108,28 +127,42 @@ def initialize(cluster: Cluster) -> None:
             _check_port_free(port)
         else:
             _wait_for_coordinator(host, port, cluster)
-    if cluster.explicit:
-        print(f"process {cluster.process_id} of {cluster.num_processes}: joining the run at "
-              f"{cluster.coordinator_address}; if JAX aborts with DEADLINE_EXCEEDED, a process did not start "
-              f"within --init-timeout {cluster.init_timeout_s} s", file=sys.stderr, flush=True)
+    print(f"process {cluster.process_id} of {cluster.num_processes}: joining the run at "
+          f"{cluster.coordinator_address}; if JAX aborts with DEADLINE_EXCEEDED, a process did not start "
+          f"within --init-timeout {cluster.init_timeout_s} s", file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(
             cluster.coordinator_address, cluster.num_processes, cluster.process_id,
             initialization_timeout=cluster.init_timeout_s, heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
             shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
         )
-    except (ValueError, RuntimeError):
-        if cluster.explicit:
-            raise
-        # No flags and no cluster detected (ValueError), or JAX already in use in this
-        # process, as when main() is called from Python (RuntimeError): one process.
-        return
-    except Exception as e:  # JAX raises XlaRuntimeError (deadline exceeded, unavailable, ...)
-        raise ValueError(
-            f"process {cluster.process_id} could not join the run at {cluster.coordinator_address} "
-            f"within {cluster.init_timeout_s} s: were all {cluster.num_processes} processes started with the "
-            f"same --coordinator-address and --num-processes, and can they reach it? ({type(e).__name__}: {e})"
-        ) from e
+    except (ValueError, RuntimeError) as e:
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            raise _join_error(cluster, e) from e
+        raise  # JAX's own words on the flags
+    except Exception as e:  # XlaRuntimeError on older JAX versions (deadline exceeded, unavailable, ...)
+        raise _join_error(cluster, e) from e
+
+
+def _join_error(cluster: Cluster, e: Exception) -> BadInputError:
+    return BadInputError(
+        f"process {cluster.process_id} could not join the run at {cluster.coordinator_address} "
+        f"within {cluster.init_timeout_s} s: were all {cluster.num_processes} processes started with the "
+        f"same --coordinator-address and --num-processes, and can they reach it? ({type(e).__name__}: {e})"
+    )
+
+
+def detected_cluster() -> str | None:
+    """The name of the cluster environment JAX's ``jax.distributed.initialize()`` would detect, or None.
+
+    JAX's own detection, in its order (the first cluster class, not opt-in only, whose
+    ``is_env_present`` is true), so this sees what ``initialize()`` without arguments uses.
+    """
+    from jax._src import clusters  # no public API lists them; the classes are stable since jax 0.4
+
+    found = (env.__name__ for env in clusters.ClusterEnv._cluster_types
+             if not env.opt_in_only_method and env.is_env_present())
+    return next(found, None)
 
 
 def _bypass_proxy(host: str) -> None:
@@ -148,7 +181,7 @@ def _check_port_free(port: int) -> None:
         try:
             probe.bind(("", port))
         except OSError as e:
-            raise ValueError(
+            raise BadInputError(
                 f"--coordinator-address: port {port} is already in use on this host (process 0's); "
                 f"choose another port ({e.strerror})"
             ) from e
@@ -162,7 +195,7 @@ def _wait_for_coordinator(host: str, port: int, cluster: Cluster) -> None:
             return
         except OSError as e:
             if time.monotonic() > deadline:
-                raise ValueError(
+                raise BadInputError(
                     f"process {cluster.process_id} could not reach the coordinator at {host}:{port} within "
                     f"--init-timeout {cluster.init_timeout_s} s ({e}): is process 0 running with the same "
                     "--coordinator-address, and is its host reachable from here?"

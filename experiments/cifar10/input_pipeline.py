@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .errors import BadInputError, MissingError
+
 _DATASET = "cifar10"
 # `tfds.data_source` needs a random-access format. It picks array_record by
 # itself only when no data_dir is given, so it is always asked for explicitly.
@@ -83,9 +85,9 @@ def load_split(
         A `Split` with uint8 images, int32 labels and str ids.
 
     Raises:
-        ValueError: `limit` is not a positive int, the dataset's features are not
+        BadInputError: `limit` is not a positive int, the dataset's features are not
             CIFAR-10's, or exported parts are unreadable or come from different exports.
-        FileNotFoundError: no CIFAR-10 where asked: `data_dir` is missing or holds neither
+        MissingError: no CIFAR-10 where asked: `data_dir` is missing or holds neither
             a prepared copy nor parts (or only parts with one missing); or, with data_dir
             None, the default data dir has none and TFDS cannot get it (no TensorFlow,
             no tensorflow_datasets, or no network). Its message says what to pass.
@@ -96,7 +98,7 @@ def load_split(
         (100, 32, 32, 3)
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        raise BadInputError(f"limit must be a positive int or None, got {limit!r}")
     parts = [] if data_dir is None else find_parts(data_dir, split)
     if parts:
         return _load_parts(parts, split, limit)
@@ -177,7 +179,7 @@ def _load_parts(paths: list[Path], split: str, limit: int | None) -> Split:
         total = part_total if total is None else total
         # Names alone cannot tell parts of two exports with equal counts apart.
         if (first, part_total) != (read, total):
-            raise ValueError(
+            raise BadInputError(
                 f"{path} does not continue {paths[0].name}: it holds examples from {first} "
                 f"of {part_total}, expected from {read} of {total}; the {split} parts come "
                 "from different exports, so export again into an empty folder"
@@ -195,7 +197,7 @@ def _check_part_names(paths: list[Path], split: str) -> None:
     folder = paths[0].parent
     counts = sorted({count for _, count in parsed})
     if len(counts) > 1:
-        raise ValueError(
+        raise BadInputError(
             f"{folder} mixes {split} parts of different exports (-of- counts {counts}); "
             "export again into an empty folder"
         )
@@ -204,11 +206,11 @@ def _check_part_names(paths: list[Path], split: str) -> None:
     missing = sorted(set(range(count)) - indices)
     if missing:
         names = ", ".join(part_name(split, i, count) for i in missing)
-        raise FileNotFoundError(
+        raise MissingError(
             f"{folder} lacks {len(missing)} of the {count} {split} parts: {names}"
         )
     if indices != set(range(count)):
-        raise ValueError(
+        raise BadInputError(
             f"{folder}: {split} part indices {sorted(indices)} go past -of-{count:05d}"
         )
 
@@ -220,14 +222,14 @@ def _load_part(path: Path, limit: int | None) -> tuple[Split, int, int]:
             arrays = {k: data[k] for k in _PART_ARRAYS if k in data.files}
     # A part cut short in transfer or corrupted: name the file, not a zip internal.
     except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"{path} cannot be read as an npz file ({e}); copy it again") from e
+        raise BadInputError(f"{path} cannot be read as an npz file ({e}); copy it again") from e
     missing = set(_PART_ARRAYS) - set(arrays)
     if missing:
-        raise ValueError(f"{path} is not a part written by export_npz: it lacks {sorted(missing)}")
+        raise BadInputError(f"{path} is not a part written by export_npz: it lacks {sorted(missing)}")
     images, labels, ids = (arrays[k][:limit] for k in ("images", "labels", "ids"))
     shapes_agree = len(labels) == len(ids) == len(images)
     if images.dtype != np.uint8 or images.shape[1:] != _IMAGE_SHAPE or not shapes_agree:
-        raise ValueError(
+        raise BadInputError(
             f"{path}: expected uint8 images [N, 32, 32, 3], N labels and N ids, got {images.dtype} "
             f"{images.shape}, {labels.shape} and {ids.shape}"
         )
@@ -244,30 +246,30 @@ def _open_source(split: str, data_dir: str | Path | None) -> Sequence[dict]:
     of a few seconds stops first.
     """
     if data_dir is not None and not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"data_dir {str(data_dir)!r} does not exist or is not a folder")
+        raise MissingError(f"data_dir {str(data_dir)!r} does not exist or is not a folder")
     where = "TFDS's default data dir" if data_dir is None else f"data_dir {str(data_dir)!r}"
     parts = f"no {split}-NNNNN-of-NNNNN.npz parts from export_npz"
     try:
         import tensorflow_datasets as tfds  # here: an exported copy is read without TFDS
     except ImportError:
         missing = "tensorflow_datasets, which reads and downloads TFDS copies, is not installed"
-        raise FileNotFoundError(
+        raise MissingError(
             _not_found_message(where, missing if data_dir is None else f"{parts}, and {missing}")
         ) from None
     builder = tfds.builder(_DATASET, data_dir=data_dir, **_BUILDER_KWARGS)
     if not builder.is_prepared():
         no_copy = f"no prepared TFDS copy at {builder.data_dir}"
         if data_dir is not None:
-            raise FileNotFoundError(_not_found_message(where, f"{parts}, {no_copy}"))
+            raise MissingError(_not_found_message(where, f"{parts}, {no_copy}"))
         if not _tensorflow_installed():
-            raise FileNotFoundError(
+            raise MissingError(
                 _not_found_message(
                     where, f"{no_copy}, and TFDS needs TensorFlow to prepare one: "
                     "`pip install tensorflow-cpu`"
                 )
             )
         if not _can_download():
-            raise FileNotFoundError(
+            raise MissingError(
                 _not_found_message(
                     where, f"{no_copy}, and TFDS cannot download one: {_DOWNLOAD_URL} is "
                     f"out of reach (no answer within {_PROBE_TIMEOUT_S:g} s)"
@@ -320,17 +322,17 @@ def _not_found_message(where: str, reason: str) -> str:
 
 
 def _check_features(features) -> None:
-    """Raises ValueError unless `features` has CIFAR-10's `image` and `label`."""
+    """Raises BadInputError unless `features` has CIFAR-10's `image` and `label`."""
     missing = {"image", "label"} - set(features.keys())
     if missing:
-        raise ValueError(
+        raise BadInputError(
             f"expected features 'image' and 'label', found {sorted(features.keys())} "
             f"(missing {sorted(missing)})"
         )
     image = features["image"]
     found = (tuple(image.shape), np.dtype(image.np_dtype))
     if found != (_IMAGE_SHAPE, np.dtype(np.uint8)):
-        raise ValueError(
+        raise BadInputError(
             f"expected uint8 images of shape {_IMAGE_SHAPE}, found {found[1]} {found[0]}"
         )
 
@@ -350,7 +352,7 @@ def exact_test_mask(ids: np.ndarray) -> np.ndarray:
         bool [N].
     """
     if ids is None:
-        raise ValueError("exact_test_mask needs ids; this dataset has no 'id' feature")
+        raise BadInputError("exact_test_mask needs ids; this dataset has no 'id' feature")
     return np.array(
         [i.startswith("test_") and int(i[len("test_") :]) < _NUM_EXACT_TEST for i in ids],
         dtype=bool,

@@ -14,13 +14,13 @@ import traceback
 
 import jax
 
+from . import config as config_lib
 from . import distributed, train
+from .errors import UsageError
 
-DEFAULTS = train.Config()
 
-
-def parse_args(argv: list[str] | None = None) -> tuple[train.Config, str, distributed.Cluster]:
-    """Parses and checks the flags.
+def parse_args(argv: list[str] | None = None) -> tuple[config_lib.Config, str, distributed.Cluster]:
+    """Parses and checks the flags (one per :class:`config.Config` field, plus the workdir and cluster flags).
 
     Args:
       argv: the arguments after the program name; ``sys.argv[1:]`` if None.
@@ -32,47 +32,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.Config, str, distri
         prog="python -m experiments.cifar10",
         description="Train the chapter's conv DEQ on CIFAR-10, data parallel over all devices.",
     )
-    add = parser.add_argument
-    add("--workdir", required=True, help="output folder: metrics, summary, plots, checkpoints")
-    add("--data-dir", help="TFDS data dir holding cifar10 (default: TFDS's own), or a folder of "
-        "the <split>-NNNNN-of-NNNNN.npz parts written by experiments.cifar10.export_npz")
-    add("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training set (%(default)s)")
-    add("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch, split over devices (%(default)s)")
-    add("--lr", type=float, default=DEFAULTS.lr, help="initial Adam rate, cosine decay to 1e-6 (%(default)s)")
-    add("--seed", type=int, default=DEFAULTS.seed, help="initial weights, shuffling, augmentation (%(default)s)")
-    add("--train-limit", type=int, metavar="N", help="train on the first N training examples only")
-    add("--eval-limit", type=int, metavar="N", help="evaluate on the first N test examples only")
-    add("--resume", action="store_true", help="continue the run checkpointed in --workdir")
-    add("--augment", action="store_true", help="random crop (4 px padding) and horizontal flip")
-    add("--solver", choices=train.SOLVERS, default=DEFAULTS.solver, help="forward and backward solver (%(default)s)")
-    add("--f-tol", type=float, default=DEFAULTS.f_tol, help="forward relative residual tolerance (%(default)s)")
-    add("--f-max-iter", type=int, default=DEFAULTS.f_max_iter, help="most forward f evaluations (%(default)s)")
-    add("--b-tol", type=float, default=DEFAULTS.b_tol, help="backward relative residual tolerance (%(default)s)")
-    add("--b-max-iter", type=int, default=DEFAULTS.b_max_iter, help="most backward solver steps (%(default)s)")
-    add("--gradient", choices=train.GRADIENTS, default=DEFAULTS.gradient,
-        help="implicit (exact) or phantom (backprop through a few damped steps from z*) (%(default)s)")
-    add("--phantom-steps", type=int, default=DEFAULTS.phantom_steps, metavar="K",
-        help="phantom gradient: unrolled steps (%(default)s)")
-    add("--phantom-damping", type=float, default=DEFAULTS.phantom_damping, metavar="T",
-        help="phantom gradient: damping in (0, 1] (%(default)s)")
-    add("--jac-reg", type=float, default=DEFAULTS.jac_reg, metavar="WEIGHT",
-        help="weight of the Jacobian penalty ||J_f(z*)||_F^2 / D in the loss; 0 is off (%(default)s)")
-    add("--jac-reg-freq", type=float, default=DEFAULTS.jac_reg_freq, metavar="P",
-        help="fraction of training steps that add the Jacobian penalty (%(default)s)")
-    add("--weight-norm", action="store_true", help="weight-normalise the DEQ cell's convolutions")
-    add("--dtype", choices=tuple(train.DTYPES), default=DEFAULTS.dtype,
-        help="computation dtype; parameters, solver state and loss stay float32 (%(default)s)")
-    add("--time-budget", type=float, metavar="S", help="stop cleanly before an epoch that would end after S "
-        "seconds of this invocation (judged by the last epoch); --resume continues")
+    parser.add_argument("--workdir", required=True, help="output folder: metrics, summary, plots, checkpoints")
+    config_lib.add_flags(parser)
     _add_cluster_flags(parser.add_argument_group(
         "several processes", "one per host, each with the same flags but --process-id; without these flags "
         "JAX detects a SLURM, Open MPI or Cloud TPU cluster, else the run is one process"))
     args = vars(parser.parse_args(argv))
-    workdir = args.pop("workdir")
     cluster = {name: args.pop(name) for name in CLUSTER_FLAGS}
     try:
-        return train.Config(**args), workdir, distributed.Cluster(**cluster)
-    except ValueError as e:
+        return config_lib.from_flags(args), args["workdir"], distributed.Cluster(**cluster)
+    except UsageError as e:
         parser.error(str(e))
 
 
@@ -91,7 +60,8 @@ def _add_cluster_flags(group) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Runs the experiment; bad data, devices, workdir, checkpoint or cluster end in one 'error:' line.
+    """Runs the experiment; the user's mistakes (:class:`errors.UsageError`: bad data, devices, workdir,
+    checkpoint or cluster) end in one 'error:' line, anything else with its traceback.
 
     In a run of several processes an error names the process, and that process ends at
     once: waiting in JAX's shutdown barrier would keep the others blocked in a collective;
@@ -102,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         distributed.initialize(cluster)
         train.train_and_evaluate(config, workdir)
     except Exception as e:  # noqa: BLE001 - every failure must end all processes, not only these
-        expected = isinstance(e, (FileNotFoundError, FileExistsError, ValueError))
+        expected = isinstance(e, UsageError)
         if jax.process_count() == 1:
             if expected:
                 sys.exit(f"error: {e}")
