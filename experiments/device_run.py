@@ -10,12 +10,20 @@ its output in ``<out>/<part>.log``:
 2. ``speed_b100``, then ``speed_b500``: ``experiments.benchmarks.vs_pytorch``'s training
    step, deq_jax against the chapter's PyTorch code on the same device, in float32 and
    bfloat16, with both convolution forms (4 compiled steps per batch size), at batch 100,
-   then at batch 500 (two parts, so a cut-off second still leaves the first).
+   then at batch 500 (two parts, so a cut-off second still leaves the first). At batch
+   100, the chapter's, deq_jax also runs the README's recommended setting and Broyden in
+   the same rounds (2 more compiled steps): the headline ratios, side by side on the device.
 3. ``tests``: the test suite (TFDS-only tests skip where TFDS is absent).
 
 After each part ``<out>/report.md`` is rewritten: what each part did, test accuracy per
 epoch, seconds per epoch and the projected time of all the recipe's epochs, the speed
 table, the tests' outcome. A part past its share is killed, and the report says so.
+
+No part outlives the script: when it is stopped (SIGTERM, SIGINT/Ctrl-C) or fails while a
+part runs, it kills that part's whole process group as it kills a part past its share
+(SIGTERM, then SIGKILL after ``KILL_GRACE_S``), records the part as ``interrupted`` in the
+report and exits (128 + the signal's number after a signal). Only a SIGKILL of the script
+itself leaves a part running.
 
 Usage (on the device, from the repository root)::
 
@@ -44,6 +52,8 @@ KILL_GRACE_S = 10  # after SIGTERM, before SIGKILL
 RECIPE_MARGIN_S = 30  # kept from the recipe's share for its last save and summary
 BATCHES = {"speed_b100": 100, "speed_b500": 500}
 DRY_RUN_BATCHES = {"speed_b100": 2, "speed_b500": 4}
+# vs_pytorch's deq_jax settings per speed part (its SETTINGS): all at the chapter's batch, the chapter's at 500.
+SPEED_SETTINGS = {"speed_b100": ("chapter", "recommended", "broyden"), "speed_b500": ("chapter",)}
 DRY_RUN_TESTS = ("tests/test_errors.py", "tests/test_input_pipeline.py")  # the second skips without TFDS
 # The library's numerics first (what a new backend can break); the rest of the suite after.
 DEVICE_TESTS = tuple(f"tests/test_{name}.py" for name in (
@@ -57,14 +67,16 @@ def part_commands(args) -> dict[str, list[str]]:
     recipe = [python, "-m", "experiments.cifar10", "--workdir", str(out / "cifar10"), "--data-dir", args.data_dir]
     speed = {name: [python, "-m", "experiments.benchmarks.vs_pytorch", "--workloads", "train",
                     "--dtypes", "float32", "bfloat16", "--json", str(out / f"{name}.json"),
-                    "--batches", str((DRY_RUN_BATCHES if args.dry_run else BATCHES)[name])]
+                    "--batches", str((DRY_RUN_BATCHES if args.dry_run else BATCHES)[name]),
+                    "--settings", *SPEED_SETTINGS[name]]
              for name in BATCHES}
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"]
     if args.dry_run:
         recipe += ["--epochs", "1", "--train-limit", "100", "--eval-limit", "50", "--batch-size", "50",
                    "--f-max-iter", "6", "--b-max-iter", "6"]
-        # float32 only: the bfloat16 variants are exercised by tests/test_benchmarks.py.
-        speed = {name: [*command, "--quick", "--repeats", "1", "--dtypes", "float32"] for name, command in speed.items()}
+        # float32 at the chapter's settings only: the other variants are exercised by tests/test_benchmarks.py.
+        speed = {name: [*command, "--quick", "--repeats", "1", "--dtypes", "float32", "--settings", "chapter"]
+                 for name, command in speed.items()}
         tests += list(DRY_RUN_TESTS)
     else:
         tests += list(DEVICE_TESTS)
@@ -93,30 +105,65 @@ def run_part(name: str, command: list[str], seconds: float, out: Path, env: dict
     with (out / f"{name}.log").open("w") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process, cut_off = None, False
         try:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
             process.wait(timeout=seconds)
-            cut_off = False
         except subprocess.TimeoutExpired:
             cut_off = True
-            _stop(process)
+        finally:
+            # Past its share, interrupted (a signal turned into SystemExit, Ctrl-C, any exception), or
+            # done but with processes of its own left in its group: none of them outlives this call.
+            if process is not None:
+                _stop(process)
     status = "cut off" if cut_off else "ok" if process.returncode == 0 else "failed"
     return {"status": status, "returncode": process.returncode, "seconds": round(time.monotonic() - start, 1)}
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the part's whole session, then SIGKILL: no process outlives its share."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
+    """SIGTERM to the part's whole process group, SIGKILL to what is left of it after ``KILL_GRACE_S``.
+
+    Returns at once when the group is empty (a part that ended and left nothing behind),
+    else once the part's own process is reaped and the group is gone.
+    """
+    group = process.pid  # start_new_session: the part leads its own session and process group
+    try:
+        if _signal_group(group, signal.SIGTERM):
+            deadline = time.monotonic() + KILL_GRACE_S
+            try:
+                process.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            # Processes the part started in its group may outlive it: they get the rest of the grace.
+            while time.monotonic() < deadline and _group_alive(group):
+                time.sleep(0.05)
+    finally:  # also when a signal interrupts the grace: then the rest of the group goes at once
+        _signal_group(group, signal.SIGKILL)
+        process.wait()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of the group is still running: zombies, which need their parent to reap them, do not count."""
+    if not Path("/proc/self/stat").is_file():
+        return _signal_group(group, 0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
             continue
+        if int(pgrp) == group and state not in "ZX":
+            return True
+    return False
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    """``os.killpg(group, sig)``; False when no process is left in the group."""
+    try:
+        os.killpg(group, sig)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def recipe_report(out: Path) -> list[str]:
@@ -190,16 +237,65 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget
     results = {}
-    for name, command in part_commands(args).items():
-        parts_left = list(SHARES)[list(SHARES).index(name):]
-        left = deadline - time.monotonic()
-        seconds = left * SHARES[name] / sum(SHARES[p] for p in parts_left)
-        print(f"device_run: {name} ({seconds:.0f} s)", flush=True)
-        results[name] = run_part(name, command, seconds, out, part_env(args))
-        report = write_report(out, results, args)
-        print(f"device_run: {name} {results[name]['status']} after {results[name]['seconds']} s -> {report}",
-              flush=True)
+    previous = _exit_on_signals()
+    try:
+        for name, command in part_commands(args).items():
+            parts_left = list(SHARES)[list(SHARES).index(name):]
+            left = deadline - time.monotonic()
+            seconds = left * SHARES[name] / sum(SHARES[p] for p in parts_left)
+            print(f"device_run: {name} ({seconds:.0f} s)", flush=True)
+            start = time.monotonic()
+            try:
+                results[name] = run_part(name, command, seconds, out, part_env(args))
+            except BaseException as error:  # the part is already stopped (run_part's finally)
+                results[name] = {"status": "interrupted", "returncode": None,
+                                 "seconds": round(time.monotonic() - start, 1)}
+                _report_interruption(out, results, args, name, error)
+                raise
+            report = write_report(out, results, args)
+            print(f"device_run: {name} {results[name]['status']} after {results[name]['seconds']} s -> {report}",
+                  flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return results
+
+
+def _exit_on_signals() -> dict:
+    """Turns SIGTERM and SIGINT into ``SystemExit(128 + signal)``, so ``finally`` blocks stop the running part.
+
+    After the first such signal both are ignored: the part's stop (at most ``KILL_GRACE_S``,
+    then SIGKILL) is not cut short by a second one. A SIGINT ignored when the script
+    started (a background job of a non-interactive shell) stays ignored.
+
+    Returns:
+      The handlers replaced, signal -> handler, to restore.
+    """
+    def exit_now(signum, frame):
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if handler is not signal.SIG_IGN:
+            previous[sig] = handler
+            signal.signal(sig, exit_now)
+    return previous
+
+
+def _report_interruption(out: Path, results: dict, args, name: str, error: BaseException) -> None:
+    """Best effort, on the way out: the report with ``name`` interrupted; never masks ``error``."""
+    cause = type(error).__name__
+    if isinstance(error, SystemExit) and isinstance(error.code, int) and error.code > 128:
+        cause = signal.Signals(error.code - 128).name if error.code - 128 in signal.valid_signals() else cause
+    try:
+        report = write_report(out, results, args)
+        print(f"device_run: {name} interrupted ({cause}) after {results[name]['seconds']} s, its process group "
+              f"killed -> {report}", flush=True)
+    except Exception as report_error:  # e.g. a part's half-written output
+        print(f"device_run: {name} interrupted ({cause}); report not written: {report_error!r}", flush=True)
 
 
 if __name__ == "__main__":

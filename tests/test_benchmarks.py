@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments.benchmarks import __main__ as run_all
@@ -24,6 +25,11 @@ def positive(value) -> bool:
     return value is not None and math.isfinite(value) and value > 0
 
 
+# Benchmarks on CIFAR-10 batches read the workspace's copy (../shared/data/tfds or $DEQ_JAX_DATA_DIR);
+# without one (a user's checkout) they run as a user without the data would: on --synthetic-data.
+NO_CIFAR = not common.DATA_DIR.exists()
+
+
 def test_ops():
     result = ops.run(quick=True)
     check_table(result, columns=4)
@@ -33,7 +39,8 @@ def test_ops():
 
 
 def test_backward_scale():
-    result = backward_scale.run(quick=True)
+    with common.synthetic_data(NO_CIFAR):
+        result = backward_scale.run(quick=True)
     check_table(result, columns=4)
     assert len(result.rows) == 4
     for r in result.rows:
@@ -52,13 +59,27 @@ def test_solver_overhead():
 
 def test_vs_pytorch(tmp_path):
     path = tmp_path / "q2.json"
-    result = vs_pytorch.main(["--quick", "--json", str(path)])
-    check_table(result, columns=9)
+    result = vs_pytorch.main(["--quick", "--json", str(path), *(["--synthetic-data"] if NO_CIFAR else [])])
+    check_table(result, columns=10)
     dtypes = ("", ", bfloat16") if common.model_takes_dtype() else ("",)
-    training = [f"training step, batch 4, {conv}{dtype}" for dtype in dtypes for conv in common.CONVS]
-    assert [r["workload"] for r in result.rows] == [
-        "forward solve, Anderson", "forward solve, forward iteration", "DEQ layer forward + backward (beta=2)",
-        *training]
+    first = next(iter(common.CONVS))
+    recommended = "recommended (--gradient phantom --f-max-iter 12)"
+    training = [(f"training step, batch 4, {conv}{dtype}", "chapter's") for dtype in dtypes for conv in common.CONVS]
+    training += [(f"training step, batch 4, {first}", setting) for setting in (recommended, "broyden (--solver broyden)")]
+    assert [(r["workload"], r["setting"]) for r in result.rows] == [
+        ("forward solve, Anderson", "chapter's"), ("forward solve, forward iteration", "chapter's"),
+        ("DEQ layer forward + backward (beta=2)", "chapter's"), *training]
+    # The headline side by side: every training row against the same PyTorch step, in one table.
+    table_lines = result.table.splitlines()
+    assert any(f"| {recommended} |" in line for line in table_lines)
+    assert len({r["torch_s"] for r in result.rows[3:]}) == 1
+    recommended_row, broyden_row = result.rows[-2:]
+    assert recommended_row["deq_jax_evals"].endswith("1 f, 1 VJP (phantom)")
+    assert float(recommended_row["deq_jax_evals"].split()[0]) <= 12  # the recommended cap
+    assert "phantom" not in broyden_row["deq_jax_evals"] and broyden_row["deq_jax_evals"].endswith(" VJP")
+    assert "chapter's setting" in recommended_row["note"] and "chapter's setting" in broyden_row["note"]
+    source = result.rows[3]["note"]
+    assert source == ("random pixels (--synthetic-data), not CIFAR-10" if NO_CIFAR else "CIFAR-10 train images")
     assert ("bfloat16 training step skipped" in result.markdown()) == (len(dtypes) == 1)
     has_torch = common.load_reference() is not None
     for r in result.rows:
@@ -80,7 +101,8 @@ def test_vs_pytorch_flags(monkeypatch, tmp_path):
                         common.Result("t", "| a |\n|---|", [{"a": 1}], [], ((0, 0, 0), (0, 0, 0))))
     vs_pytorch.main(["--repeats", "3", "--batches", "100", "512", "--workloads", "train", "--dtypes", "bfloat16",
                      "--json", str(tmp_path / "out.json")])
-    assert calls == [(False, 3, {"batches": [100, 512], "dtypes": ["bfloat16"], "workloads": ["train"]})]
+    assert calls == [(False, 3, {"batches": [100, 512], "dtypes": ["bfloat16"], "workloads": ["train"],
+                                 "settings": tuple(vs_pytorch.SETTINGS)})]
     assert json.loads((tmp_path / "out.json").read_text())["rows"] == [{"a": 1}]
 
 
@@ -160,7 +182,8 @@ def test_memory_is_flat_for_implicit_and_grows_unrolled():
 
 
 def test_scaling():
-    result = scaling.run(quick=True)
+    with common.synthetic_data(NO_CIFAR):
+        result = scaling.run(quick=True)
     check_table(result, columns=8)
     assert [r["batch"] for r in result.rows] == list(scaling.BATCHES["quick"])
     for r in result.rows:
@@ -182,9 +205,13 @@ def test_jacobian_cost():
     from experiments.benchmarks import jacobian_cost
 
     result = jacobian_cost.run(quick=True, repeats=1)
-    check_table(result, columns=3)
-    assert [r["computation"] for r in result.rows][0] == "f" and result.rows[0]["vs_f"] == 1
-    assert len(result.rows) == 7 and all(positive(r["ms"]) and positive(r["vs_f"]) for r in result.rows)
+    costs, steps = result.rows[:7], result.rows[7:]
+    assert [r["computation"] for r in costs][0] == "f" and costs[0]["vs_f"] == 1
+    assert all(positive(r["ms"]) and positive(r["vs_f"]) for r in costs)
+    # The --jac-reg-freq table: plain, penalised and the mixed run, measured against its prediction.
+    assert len(steps) == 3 and all(positive(r["ms"]) for r in steps) and positive(steps[2]["vs_predicted"])
+    first, second = result.table.split("\n\n")
+    assert len(first.splitlines()) == 2 + len(costs) and len(second.splitlines()) == 2 + len(steps)
 
 
 def test_ablation(mock_cifar10, tmp_path, monkeypatch):
@@ -202,3 +229,55 @@ def test_ablation(mock_cifar10, tmp_path, monkeypatch):
         assert positive(r["s_per_step"]) and 1 <= r["fwd_steps_mean"] <= r["fwd_evals"] <= 12
         assert 0 <= r["test_accuracy"] <= 1 and positive(r["radius"])
         assert (r["bwd_converged"] is None) == ("Phantom" in r["setting"])
+
+
+@pytest.fixture
+def unreadable_data(tmp_path, monkeypatch, request):
+    """``common.DATA_DIR`` pointed at a folder CIFAR-10 cannot be read from: empty, or with a corrupt part."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    if request.param == "corrupt part":
+        (folder / "train-00000-of-00001.npz").write_bytes(b"not an npz file")
+    monkeypatch.setattr(common, "DATA_DIR", folder)
+    return folder
+
+
+@pytest.mark.parametrize("unreadable_data", ["empty", "corrupt part"], indirect=True)
+def test_cifar_batches_fail_clearly_without_the_data(unreadable_data):
+    with pytest.raises(RuntimeError) as error:
+        common.cifar_batches(2, 3)
+    message = str(error.value)
+    assert str(unreadable_data) in message and "$DEQ_JAX_DATA_DIR" in message and "--synthetic-data" in message
+    cause = error.value.__cause__
+    assert cause is not None and f"{type(cause).__name__}: " in message  # the cause, by name and message
+
+
+@pytest.mark.parametrize("unreadable_data", ["corrupt part"], indirect=True)
+def test_synthetic_data_flag_gives_random_pixels_and_says_so(unreadable_data):
+    def run(quick, repeats):
+        batches, source = common.cifar_batches(2, 3)
+        return common.Result("t", "| a |\n|---|", [{"source": source, "batches": batches}], [], ((0, 0, 0),) * 2)
+
+    result = common.cli(run, "doc", ["--quick", "--synthetic-data"])
+    (r,) = result.rows
+    assert "random pixels" in r["source"] and "--synthetic-data" in r["source"]
+    assert [(images.shape, images.dtype, labels.shape) for images, labels in r["batches"]] == [
+        ((2, 32, 32, 3), np.uint8, (2,))] * 3
+    assert not common.SYNTHETIC_DATA  # only for that run
+    with pytest.raises(RuntimeError, match="--synthetic-data"):
+        common.cli(run, "doc", ["--quick"])
+
+
+def test_vs_pytorch_recommended_setting_is_the_ablations():
+    from experiments.benchmarks import ablation
+
+    assert dict(vs_pytorch.SETTINGS["recommended"]) == ablation.SETTINGS[ablation.RECOMMENDED]
+    assert dict(vs_pytorch.SETTINGS["broyden"]) == ablation.SETTINGS["Broyden + implicit"]
+    assert vs_pytorch.SETTINGS["chapter"] == () and ablation.SETTINGS[ablation.CHAPTER] == {}
+
+
+def test_train_settings_are_one_cache_key_in_any_order():
+    pairs = (("gradient", "phantom"), ("f_max_iter", 12))
+    assert common.train_settings(pairs) == common.train_settings(dict(reversed(pairs))) == (
+        ("f_max_iter", 12), ("gradient", "phantom"))
+    hash(common.train_settings(pairs))  # lru_cache needs it

@@ -1,9 +1,14 @@
 """The device script's dry run on this CPU, with TFDS blocked from import as on the device machine."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from experiments import device_run
 
@@ -45,3 +50,126 @@ def test_a_part_past_its_share_is_cut_off_and_reported(tmp_path):
     result = device_run.run_part("tests", command, 1, tmp_path, dict(os.environ))
     assert result["status"] == "cut off" and result["returncode"] != 0
     assert "started" in (tmp_path / "tests.log").read_text()
+
+
+def live_group_members(group: int) -> list[int]:
+    """Pids of the processes of a process group still running (zombies excluded), from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # pid (comm) state ppid pgrp ...
+            pid = int(stat.parent.name)
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(pgrp) == group and state not in "ZX":
+            members.append(pid)
+    return members
+
+
+def children(pid: int) -> list[int]:
+    """Pids of the live children of ``pid``, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if int(ppid) == pid and state not in "ZX":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def wait_for(condition, seconds: float, step: float = 0.05):
+    """Polls ``condition()`` until it returns something truthy (returned) or ``seconds`` pass (None)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    return None
+
+
+def kill_groups(*groups: int) -> None:
+    """SIGKILL to whatever is left of each group (test cleanup, whether or not the code under test did it)."""
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds processes through /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_the_script_kills_the_running_part(tmp_path, write_cifar_parts, sig):
+    """The dry run's first part (the recipe, a minute of work here) dies with the script, well within the grace."""
+    parts = write_cifar_parts(tmp_path / "parts", train=100, test=50)
+    out = tmp_path / "out"
+    script = subprocess.Popen(
+        [sys.executable, "-m", "experiments.device_run", "--data-dir", str(parts), "--out", str(out),
+         "--budget", "600", "--dry-run", "--reference", str(REFERENCE)],
+        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+        # As from a terminal: a SIGINT ignored by whoever runs pytest (a background job) would stay ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    part = None
+    try:
+        part = wait_for(lambda: children(script.pid), 30)
+        assert part, "no part started"
+        part = part[0]
+        assert os.getpgid(part) == part  # the part leads its own group, out of reach of the script's
+        os.kill(script.pid, sig)
+        gone = wait_for(lambda: not live_group_members(part), device_run.KILL_GRACE_S + 5)
+        output = script.communicate(timeout=30)[0]
+        assert gone, f"the part's group {part} outlived the script: {live_group_members(part)}\n{output[-2000:]}"
+        assert script.returncode == 128 + sig, output[-2000:]
+        assert json.loads((out / "report.json").read_text())["recipe"]["status"] == "interrupted"
+        assert f"recipe interrupted ({signal.Signals(sig).name})" in output
+    finally:
+        kill_groups(script.pid, *([part] if part else []))
+        script.wait(timeout=30)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds processes through /proc (Linux)")
+def test_a_part_is_killed_when_the_script_fails_while_it_runs(tmp_path):
+    command = [sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"]
+    log = tmp_path / "tests.log"
+
+    def fail(signum, frame):
+        raise RuntimeError("the script fails while the part runs")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.setitimer(signal.ITIMER_REAL, 2.0)
+    try:
+        with pytest.raises(RuntimeError, match="the script fails"):
+            device_run.run_part("tests", command, 30, tmp_path, dict(os.environ))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    part = int(log.read_text().splitlines()[1])
+    try:
+        assert not live_group_members(part)
+    finally:
+        kill_groups(part)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds processes through /proc (Linux)")
+def test_processes_a_part_leaves_behind_are_killed(tmp_path):
+    # The part exits at once, leaving a child of its own, in its process group, sleeping.
+    command = [sys.executable, "-c", "import os, subprocess, sys; print(os.getpid(), flush=True); "
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"]
+    result = device_run.run_part("tests", command, 30, tmp_path, dict(os.environ))
+    part = int((tmp_path / "tests.log").read_text().splitlines()[1])
+    try:
+        assert result["status"] == "ok"
+        assert not live_group_members(part)
+    finally:
+        kill_groups(part)
+
+
+def test_full_run_speed_parts_parse_and_compare_every_setting_at_the_chapters_batch():
+    from experiments.benchmarks import common, vs_pytorch
+
+    args = device_run.argparse.Namespace(out="out", data_dir="parts", dry_run=False, reference=str(REFERENCE))
+    commands = device_run.part_commands(args)
+    flags = {name: common.parse_args("", commands[name][3:], vs_pytorch.add_flags) for name in device_run.BATCHES}
+    assert flags["speed_b100"].settings == list(vs_pytorch.SETTINGS) and flags["speed_b100"].batches == [100]
+    assert flags["speed_b500"].settings == ["chapter"] and flags["speed_b500"].batches == [500]

@@ -15,6 +15,7 @@ for PyTorch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -148,11 +149,16 @@ def torch_synchronized(fn: Callable) -> Callable:
 
 
 def parse_args(description: str, argv=None, add_flags: Callable | None = None) -> argparse.Namespace:
-    """The flags every benchmark takes (``--quick``, ``--repeats``, ``--json``) and those ``add_flags(parser)`` adds."""
+    """The flags every benchmark takes (``--quick``, ``--repeats``, ``--json``, ``--synthetic-data``) and those
+    ``add_flags(parser)`` adds."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures nothing")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 5, quick: 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the result (rows, notes, devices) to PATH as JSON")
+    parser.add_argument("--synthetic-data", action="store_true",
+                        help="benchmarks on CIFAR-10 batches (vs_pytorch's training steps, scaling, backward_scale): "
+                             "uniform random pixels instead, e.g. without the data; solver step counts and times "
+                             "then differ from CIFAR-10's. Without it they stop when CIFAR-10 cannot be read.")
     if add_flags is not None:
         add_flags(parser)
     return parser.parse_args(argv)
@@ -173,7 +179,8 @@ def cli(run, doc: str, argv=None, add_flags: Callable | None = None) -> "Result"
     """
     flags = vars(parse_args(doc, argv, add_flags))
     quick, repeats, json_path = flags.pop("quick"), flags.pop("repeats"), flags.pop("json")
-    result = run(quick, repeats, **flags)
+    with synthetic_data(flags.pop("synthetic_data")):
+        result = run(quick, repeats, **flags)
     print(result.markdown())
     if json_path:
         result.write_json(json_path)
@@ -337,34 +344,81 @@ def load() -> tuple[float, float, float]:
 
 
 DATA_DIR = Path(os.environ.get("DEQ_JAX_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data" / "tfds")
+# Whether cifar_batches serves random pixels instead of CIFAR-10: --synthetic-data (cli) or synthetic_data().
+SYNTHETIC_DATA = False
 
 
-def cifar_batches(batch_size: int, count: int, seed: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
-    """``count`` batches of CIFAR-10 training images (uint8 NHWC) and labels.
+class CifarUnavailable(RuntimeError):
+    """CIFAR-10 could not be read for a benchmark that needs it, and synthetic data was not asked for."""
 
-    Real images from ``../shared/data/tfds`` (or ``$DEQ_JAX_DATA_DIR``: a TFDS data dir or
-    ``export_npz`` parts) when present (the solvers' step counts depend on the data), else
-    uniform random pixels.
+
+@contextlib.contextmanager
+def synthetic_data(enabled: bool = True):
+    """Within it, :func:`cifar_batches` serves uniform random pixels (``enabled``) or CIFAR-10 only (not ``enabled``).
+
+    What ``--synthetic-data`` does for a benchmark run through :func:`cli`; the previous
+    setting comes back on exit.
+    """
+    global SYNTHETIC_DATA
+    previous, SYNTHETIC_DATA = SYNTHETIC_DATA, bool(enabled)
+    try:
+        yield
+    finally:
+        SYNTHETIC_DATA = previous
+
+
+def cifar_batches(batch_size: int, count: int, seed: int = 0,
+                  synthetic: bool | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """``count`` batches of CIFAR-10 training images (uint8 NHWC) and labels, or of random pixels when asked.
+
+    Real images come from ``../shared/data/tfds`` (or ``$DEQ_JAX_DATA_DIR``: a TFDS data dir
+    or ``export_npz`` parts). The solvers' step counts, and so every time measured on the
+    batches, depend on the data: a benchmark never swaps in other data silently.
+
+    Args:
+      batch_size, count: the batches.
+      seed: the random pixels and labels (synthetic data only).
+      synthetic: uniform random pixels and labels instead of CIFAR-10; None follows
+        ``--synthetic-data`` (:data:`SYNTHETIC_DATA`, :func:`synthetic_data`).
 
     Returns:
       ``(batches, source)``, source naming where the images came from.
+
+    Raises:
+      CifarUnavailable: CIFAR-10 is asked for and cannot be read (or has fewer than
+        ``batch_size * count`` training images); the message names the data dir and the cause.
     """
     needed = batch_size * count
+    if SYNTHETIC_DATA if synthetic is None else synthetic:
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, (needed, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, needed).astype(np.int32)
+        source = "random pixels (--synthetic-data), not CIFAR-10"
+    else:
+        images, labels = _cifar_train_images(needed)
+        source = "CIFAR-10 train images"
+    batches = [(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size])
+               for i in range(count)]
+    return batches, source
+
+
+def _cifar_train_images(needed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``needed`` CIFAR-10 training images and labels from :data:`DATA_DIR`, or :class:`CifarUnavailable`."""
+    where = (f"{DATA_DIR} ($DEQ_JAX_DATA_DIR)" if os.environ.get("DEQ_JAX_DATA_DIR")
+             else f"{DATA_DIR} (the default; set $DEQ_JAX_DATA_DIR to a TFDS data dir or a folder of export_npz parts)")
+    advice = ("Point $DEQ_JAX_DATA_DIR at CIFAR-10, or pass --synthetic-data to benchmark on uniform random pixels "
+              "(solver step counts and times then differ from CIFAR-10's).")
     try:
         from experiments.cifar10 import input_pipeline
 
         split = input_pipeline.load_split("train", data_dir=DATA_DIR, limit=needed)
-        images, labels, source = split.images, split.labels, "CIFAR-10 train images"
-        if len(labels) < needed:
-            raise FileNotFoundError("too few examples")
-    except (FileNotFoundError, ImportError, ValueError):
-        rng = np.random.default_rng(seed)
-        images = rng.integers(0, 256, (needed, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, needed).astype(np.int32)
-        source = "random pixels (CIFAR-10 not found)"
-    batches = [(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size])
-               for i in range(count)]
-    return batches, source
+    except Exception as error:  # any failure to read: missing, corrupt, no TFDS; the cause is chained
+        raise CifarUnavailable(f"CIFAR-10 training images could not be read from {where}: "
+                               f"{type(error).__name__}: {error}. {advice}") from error
+    if len(split.labels) < needed:
+        raise CifarUnavailable(f"{where} holds {len(split.labels)} CIFAR-10 training images; this benchmark needs "
+                               f"{needed}. {advice}")
+    return split.images, split.labels
 
 
 # The two forms of the cell's convolution: loop_friendly_conv works around XLA:CPU's slow
@@ -372,7 +426,8 @@ def cifar_batches(batch_size: int, count: int, seed: int = 0) -> tuple[list[tupl
 CONVS = {"loop_friendly_conv": dj.nn.cell.loop_friendly_conv, "lax.conv_general_dilated": jax.lax.conv_general_dilated}
 
 
-def cifar_train_step(batch_size: int, seed: int = 0, conv: str | None = None, dtype: str | None = None):
+def cifar_train_step(batch_size: int, seed: int = 0, conv: str | None = None, dtype: str | None = None,
+                     settings=()):
     """The CIFAR-10 experiment's model, a fresh state and its jitted ``train_step``.
 
     The compiled step is cached per argument set (benchmarks share it); the state is
@@ -385,14 +440,24 @@ def cifar_train_step(batch_size: int, seed: int = 0, conv: str | None = None, dt
         None keeps the experiment's model as it is.
       dtype: the model's computation dtype (e.g. ``'bfloat16'``), for a ``CifarDEQ``
         that takes one (:func:`model_takes_dtype`); None keeps the model's default.
+      settings: overrides of the experiment's ``Config`` fields other than ``batch_size``
+        and ``seed``, as ``(name, value)`` pairs or a dict, e.g.
+        ``(("gradient", "phantom"), ("f_max_iter", 12))``; empty: the chapter's settings.
 
     Returns:
       ``(model_def, state, step)``: ``step(state, images, labels) -> (state, metrics)``,
-      compiled ahead of time with the experiment's default ``Config`` (the chapter's settings);
-      the weights are the same for every ``conv`` and ``dtype``.
+      compiled ahead of time with the experiment's ``Config`` (its defaults, the chapter's
+      settings, with ``settings`` applied); the weights are the same for every ``conv``,
+      ``dtype`` and ``settings``.
     """
-    model_def, state, _, _ = _fresh_train_state(batch_size, seed, conv, dtype)
-    return model_def, state, _compiled_train_step(batch_size, seed, conv, dtype)
+    settings = train_settings(settings)
+    model_def, state, _, _ = _fresh_train_state(batch_size, seed, conv, dtype, settings)
+    return model_def, state, _compiled_train_step(batch_size, seed, conv, dtype, settings)
+
+
+def train_settings(settings) -> tuple[tuple[str, Any], ...]:
+    """``Config`` overrides as a hashable key: ``(name, value)`` pairs sorted by name (from pairs or a dict)."""
+    return tuple(sorted(dict(settings).items(), key=lambda item: item[0]))
 
 
 def model_takes_dtype() -> bool:
@@ -413,11 +478,11 @@ def cell_with_conv(cell: dj.nn.ResNetCell, conv: str) -> dj.nn.ResNetCell:
     return new
 
 
-def _fresh_train_state(batch_size: int, seed: int, conv: str | None, dtype: str | None):
+def _fresh_train_state(batch_size: int, seed: int, conv: str | None, dtype: str | None, settings=()):
     from experiments.cifar10 import train
     from experiments.cifar10.model import CifarDEQ
 
-    config = train.Config(batch_size=batch_size, seed=seed)
+    config = train.Config(batch_size=batch_size, seed=seed, **dict(settings))
     model_def, state, tx, _ = train.init_state(config, total_steps=1000)
     if conv is None and dtype is None:
         return model_def, state, tx, config
@@ -437,10 +502,10 @@ def _fresh_train_state(batch_size: int, seed: int, conv: str | None, dtype: str 
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_train_step(batch_size: int, seed: int, conv: str | None, dtype: str | None):
+def _compiled_train_step(batch_size: int, seed: int, conv: str | None, dtype: str | None, settings=()):
     from experiments.cifar10 import train
 
-    model_def, state, tx, config = _fresh_train_state(batch_size, seed, conv, dtype)
+    model_def, state, tx, config = _fresh_train_state(batch_size, seed, conv, dtype, settings)
     step = jax.jit(functools.partial(train.train_step, model_def=model_def, tx=tx, config=config), donate_argnums=0)
     images = jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.uint8)
     labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)

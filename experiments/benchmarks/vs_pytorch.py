@@ -17,7 +17,11 @@ Three workloads, each run back to back (alternating, median over rounds):
      batches. deq_jax runs once per form of the cell's convolution
      (``loop_friendly_conv``, ``lax.conv_general_dilated``; ``common.CONVS``) and, where
      the experiment's ``CifarDEQ`` takes a ``dtype``, also in bfloat16 (``--dtypes``),
-     all in the same interleaved rounds, so one run says which form is faster.
+     all in the same interleaved rounds, so one run says which form is faster; in the
+     same rounds, on the same batches, deq_jax also trains with the README's recommended
+     setting (``--gradient phantom --f-max-iter 12``: Anderson capped at 12 f evaluations,
+     Phantom(1)) and with Broyden (``--solver broyden``, the chapter's settings otherwise),
+     in the first convolution form and dtype (``--settings``).
 
 Weights are copied from JAX to PyTorch (HWIO -> OIHW kernels, GroupNorm/BatchNorm
 scale/bias -> weight/bias, the linear layer's inputs reordered from HWC to CHW) and
@@ -27,7 +31,8 @@ per core and with one thread; the ratio uses its faster setting.
 
 Usage:
   python -m experiments.benchmarks.vs_pytorch [--quick] [--repeats N] [--batches B ...]
-      [--dtypes float32 bfloat16] [--workloads solve layer train] [--json PATH]
+      [--dtypes float32 bfloat16] [--workloads solve layer train]
+      [--settings chapter recommended broyden] [--json PATH] [--synthetic-data]
 """
 from __future__ import annotations
 
@@ -54,6 +59,23 @@ SIZES = {
 TOL = 1e-4
 WORKLOADS = ("solve", "layer", "train")
 DTYPES = ("float32", "bfloat16")
+# deq_jax's training-step settings: overrides of the experiment's Config (its defaults are the
+# chapter's). "recommended" is the README's (and ablation.RECOMMENDED's) setting.
+SETTINGS = {
+    "chapter": (),
+    "recommended": (("gradient", "phantom"), ("f_max_iter", 12)),
+    "broyden": (("solver", "broyden"),),
+}
+CHAPTER = "chapter's"  # the setting column of rows at the chapter's settings
+
+
+def setting_label(name: str) -> str:
+    """A setting's name for the table, with the ``experiments.cifar10`` flags that train with it."""
+    overrides = SETTINGS[name]
+    if not overrides:
+        return CHAPTER
+    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in overrides)
+    return f"{name} ({flags})"
 
 
 def forward_solves(ref, sizes, repeats, quick) -> list[dict]:
@@ -150,36 +172,53 @@ def torch_cifar_model(ref, model_def, state):
     return net.to(common.torch_device())
 
 
-def training_steps(ref, batch_size, repeats, quick, dtypes) -> list[dict]:
+def training_steps(ref, batch_size, repeats, quick, dtypes, settings=tuple(SETTINGS)) -> list[dict]:
     """Workload 3: optimizer steps of the CIFAR-10 model, every contender from the same weights.
 
     Every contender trains on the same sequence of batches (its warm-up call on the
     first, round r on batch r + 1), as training would: a step on one batch over and over
-    overfits it and drifts into harder fixed points than training meets. One row per
-    deq_jax variant (convolution form x dtype), each against the same PyTorch times.
+    overfits it and drifts into harder fixed points than training meets. At the chapter's
+    settings one row per deq_jax variant (convolution form x dtype); at each other setting
+    one row, in the first variant's form and dtype; all against the same PyTorch times.
     """
     batches, source = common.cifar_batches(batch_size, repeats + 1)
+    first_conv, first_dtype = next(iter(common.CONVS)), dtypes[0]
+    # (setting, conv, dtype) of every deq_jax contender; the chapter's setting first, when asked for.
+    runs = [("chapter", conv, dtype) for dtype in dtypes for conv in common.CONVS] if "chapter" in settings else []
+    runs += [(name, first_conv, first_dtype) for name in settings if name != "chapter"]
     # float32 is the model's own default: no dtype argument, so it runs whether or not CifarDEQ takes one.
-    variants = {variant_name(conv, dtype): common.cifar_train_step(
-        batch_size, conv=conv, dtype=None if dtype == "float32" else dtype) for dtype in dtypes for conv in common.CONVS}
+    variants = {(name, conv, dtype): common.cifar_train_step(
+        batch_size, conv=conv, dtype=None if dtype == "float32" else dtype, settings=SETTINGS[name])
+        for name, conv, dtype in runs}
     fns, histories, torch_history = {}, {}, None
     if ref is not None:  # built before any step runs: the steps donate (delete) the states they are given
         model_def, state, _ = next(iter(variants.values()))
         torch_fns, torch_history = torch_training(ref, model_def, state, batches, quick)
         fns.update(torch_fns)
-    for name, (_, state, step) in variants.items():
-        fns[name], histories[name] = jax_training(step, state, batches)
+    for key, (_, state, step) in variants.items():
+        fns[contender_name(*key)], histories[key] = jax_training(step, state, batches)
     times = common.interleaved(fns, repeats)
     torch_times = {k: v for k, v in times.items() if k.startswith("PyTorch")}
     first = next(iter(variants))
+    first_name = variant_name(*first[1:]) + ("" if len(settings) == 1 else f", {setting_label(first[0])} setting")
     rows = []
-    for name, history in histories.items():
-        r = row(f"training step, batch {batch_size}, {name}", times[name], torch_times, evals(history, 1),
-                None if torch_history is None else evals(torch_history, 2), batch_size)
-        r["vs_first"] = times[name] / times[first]
-        r["note"] = source if name == first else f"{r['vs_first']:.2f}x the time of {first}"
+    for key, history in histories.items():
+        name, conv, dtype = key
+        config = dict(SETTINGS[name])
+        phantom_steps = config.get("phantom_steps", 1) if config.get("gradient") == "phantom" else None
+        ours = times[contender_name(*key)]
+        r = row(f"training step, batch {batch_size}, {variant_name(conv, dtype)}", ours, torch_times,
+                evals(history, 1, phantom_steps), None if torch_history is None else evals(torch_history, 2),
+                batch_size, setting=setting_label(name))
+        r["vs_first"] = ours / times[contender_name(*first)]
+        r["note"] = source if key == first else f"{r['vs_first']:.2f}x the time of {first_name}"
         rows.append(r)
     return rows
+
+
+def contender_name(setting: str, conv: str, dtype: str) -> str:
+    """A deq_jax training-step contender's name in the timed rounds (never 'PyTorch ...')."""
+    return f"deq_jax {setting}: {variant_name(conv, dtype)}"
 
 
 def variant_name(conv: str, dtype: str) -> str:
@@ -196,7 +235,8 @@ def jax_training(step, state, batches):
         # Block on the new state as well as the metrics: the timed call covers the whole step.
         ours["state"], metrics = common.block(step(ours["state"], images, labels))
         metrics = jax.device_get(metrics)
-        history.append((metrics["fwd_steps_max"], metrics["bwd_steps_max"]))
+        # No backward solve (phantom gradients), no backward stats.
+        history.append((metrics["fwd_steps_max"], metrics.get("bwd_steps_max", np.nan)))
 
     return on_batches(jax_step, batches), history
 
@@ -224,9 +264,15 @@ def torch_training(ref, model_def, state, batches, quick):
     return {name: on_batches(fn, batches) for name, fn in torch_contenders(torch_step, quick).items()}, history
 
 
-def evals(history, extra) -> str:
-    """Mean forward f evaluations (+ ``extra`` layer calls) and backward VJPs over a contender's calls."""
+def evals(history, extra, phantom_steps=None) -> str:
+    """Mean forward f evaluations (+ ``extra`` layer calls) and backward VJPs over a contender's calls.
+
+    With ``phantom_steps`` (a phantom gradient, no backward solve) the backward is that
+    many f evaluations, each with its VJP, unrolled from the fixed point.
+    """
     fwd, bwd = np.mean(history, axis=0)
+    if phantom_steps is not None:
+        return f"{fwd:.1f} f + {phantom_steps} f, {phantom_steps} VJP (phantom)"
     return f"{fwd:.1f} f + {extra} f, {bwd:.1f} VJP"
 
 
@@ -261,22 +307,23 @@ def torch_contenders(fn, quick: bool) -> dict:
     return {f"PyTorch {many}t": with_threads(many), "PyTorch 1t": with_threads(1)}
 
 
-def row(workload, ours, torch_times, ours_evals, torch_evals, batch=None) -> dict:
-    """A table row: deq_jax's seconds, PyTorch's per setting, the ratio to PyTorch's faster setting.
+def row(workload, ours, torch_times, ours_evals, torch_evals, batch=None, setting=CHAPTER) -> dict:
+    """A table row: deq_jax's seconds, PyTorch's per thread setting, the ratio to PyTorch's faster one.
 
-    With ``batch`` (training steps) it also holds both sides' images per second.
+    With ``batch`` (training steps) it also holds both sides' images per second;
+    ``setting`` is deq_jax's solver and gradient setting (:func:`setting_label`).
     """
     best = min(torch_times, key=torch_times.get) if torch_times else None
     torch_s = torch_times.get(best)
     per_s = lambda seconds: None if batch is None or seconds is None else batch / seconds
-    return {"workload": workload, "deq_jax_s": ours, "torch_s": torch_s, "torch_threads": best,
+    return {"workload": workload, "setting": setting, "deq_jax_s": ours, "torch_s": torch_s, "torch_threads": best,
             "torch_all": torch_times, "ratio": None if best is None else ours / torch_s,
             "deq_jax_images_per_s": per_s(ours), "torch_images_per_s": per_s(torch_s),
             "deq_jax_evals": ours_evals, "torch_evals": torch_evals, "note": ""}
 
 
 def run(quick: bool = False, repeats: int | None = None, batches=None, dtypes=DTYPES,
-        workloads=WORKLOADS) -> common.Result:
+        workloads=WORKLOADS, settings=tuple(SETTINGS)) -> common.Result:
     """The chosen workloads; the PyTorch column is n/a where torch or the chapter's code is absent.
 
     Args:
@@ -286,6 +333,8 @@ def run(quick: bool = False, repeats: int | None = None, batches=None, dtypes=DT
       dtypes: deq_jax's training-step dtypes; 'bfloat16' is skipped, with a note, when
         the experiment's ``CifarDEQ`` has no ``dtype`` parameter.
       workloads: any of ``WORKLOADS``: forward solves, the DEQ layer, training steps.
+      settings: deq_jax's training-step settings, keys of ``SETTINGS``: the chapter's (every
+        convolution form and dtype), and each other one in the first form and dtype.
     """
     repeats = common.repeats_or_default(repeats, quick)
     sizes = SIZES["quick" if quick else "full"]
@@ -299,7 +348,7 @@ def run(quick: bool = False, repeats: int | None = None, batches=None, dtypes=DT
         rows += deq_layer(ref, sizes["cell"], repeats, quick)
     if "train" in workloads:
         for batch_size in batches or sizes["batches"]:
-            rows += training_steps(ref, batch_size, repeats, quick, dtypes)
+            rows += training_steps(ref, batch_size, repeats, quick, dtypes, settings)
     notes = table_notes(ref, sizes) + notes
     return common.Result("Q2. deq_jax vs the chapter's PyTorch code", table(rows), rows, notes,
                          (before, common.load()))
@@ -315,11 +364,11 @@ def dtype_notes(dtypes) -> tuple[list[str], list[str]]:
 
 def table(rows) -> str:
     """The markdown table of the rows."""
-    header = ["workload", "deq_jax (s)", "PyTorch (s), best", "PyTorch (s), all settings", "deq_jax / PyTorch",
+    header = ["workload", "setting", "deq_jax (s)", "PyTorch (s), best", "PyTorch (s), all settings", "deq_jax / PyTorch",
               "images/s: deq_jax / PyTorch", "deq_jax f evals", "PyTorch f evals", "note"]
     number = lambda value, digits: "n/a" if value is None else f"{value:.{digits}f}"
     return common.markdown_table(header, [
-        [r["workload"], f"{r['deq_jax_s']:.3f}",
+        [r["workload"], r["setting"], f"{r['deq_jax_s']:.3f}",
          "n/a" if r["torch_s"] is None else f"{r['torch_s']:.3f} ({r['torch_threads'].split()[1]})",
          ", ".join(f"{k.split()[1]}: {v:.3f}" for k, v in r["torch_all"].items()) or "n/a",
          "n/a" if r["ratio"] is None else f"**{r['ratio']:.2f}**",
@@ -345,7 +394,13 @@ def table_notes(ref, sizes) -> list[str]:
         "example on its own residual and runs until the slowest one stops, the chapter's stops on one batch-wide residual.",
         "training steps: all start from identical weights and train on the same sequence of CIFAR-10 batches (one "
         "per round), so their step counts drift apart slightly; f evals are means over the rounds; the note of "
-        f"each later variant gives its time relative to the first ({variant_name(next(iter(common.CONVS)), 'float32')}).",
+        f"each later variant gives its time relative to the first ({variant_name(next(iter(common.CONVS)), 'float32')}"
+        ", the chapter's setting).",
+        "setting: deq_jax's solver and gradient, with the flags of python -m experiments.cifar10 that train with it; "
+        "chapter's: Anderson (m=5, tol 1e-2, at most 25 f evaluations) and the implicit gradient (backward solve: "
+        "Anderson, tol 1e-2, at most 25 steps); recommended: the same Anderson capped at 12 f evaluations and "
+        "Phantom(1) (one f evaluation and its VJP from the fixed point, no backward solve); broyden: Broyden for "
+        "both solves, the chapter's tolerances and caps.",
     ]
     if common.torch_device().type == "cuda":
         notes.append(f"PyTorch on CUDA: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
@@ -367,6 +422,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="deq_jax's training-step dtypes (bfloat16 only where CifarDEQ takes a dtype)")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS,
                         help="solve: forward solves; layer: DEQ layer forward + backward; train: training steps")
+    parser.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=tuple(SETTINGS),
+                        help="deq_jax's training-step settings: the chapter's (every convolution form and dtype), "
+                             "recommended (--gradient phantom --f-max-iter 12) and broyden (--solver broyden), "
+                             "each in the first form and dtype")
 
 
 def main(argv=None) -> common.Result:
