@@ -42,8 +42,11 @@ def main(argv=None) -> dict[str, common.Result]:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures nothing")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 5, quick: 2)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
+    parser.add_argument("--synthetic-data", action="store_true",
+                        help="random pixels where a benchmark needs CIFAR-10 images (else missing data is an error)")
     flags = parser.parse_args(argv)
-    return run_all(flags.quick, flags.repeats, flags.only)
+    with common.synthetic_data(flags.synthetic_data):
+        return run_all(flags.quick, flags.repeats, flags.only)
 
 
 if __name__ == "__main__":
