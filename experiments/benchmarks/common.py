@@ -247,10 +247,7 @@ def cell_problem(channels: int, inner: int, batch: int, size: int, seed: int = 0
       state, the injection and loss weights ``w`` ~ N(0, 1) shaped like ``x``.
     """
     cell = dj.nn.ResNetCell(channels, inner, num_groups=num_groups, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(cell)
-
-    def f(z, args):
-        return nnx.merge(graphdef, args[0])(z, args[1])
+    f, params = dj.nn.explicit_cell(cell)
 
     key_x, key_w = jax.random.split(jax.random.key(seed))
     shape = (batch, size, size, channels)

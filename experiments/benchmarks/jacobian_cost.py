@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -41,11 +42,8 @@ NUM_ITERS = 100
 def contenders(channels: int, inner: int, batch: int, size: int) -> dict:
     """name -> a callable running one jitted computation to completion."""
     _, f, params, x, w = common.cell_problem(channels, inner, batch, size)
-    plain_graphdef = nnx.split(dj.nn.ResNetCell(channels, inner, rngs=nnx.Rngs(0),
-                                                conv_general_dilated=lax.conv_general_dilated))[0]
-
-    def plain_f(z, args):
-        return nnx.merge(plain_graphdef, args[0])(z, args[1])
+    plain_f, _ = dj.nn.explicit_cell(dj.nn.ResNetCell(channels, inner, rngs=nnx.Rngs(0),
+                                                      conv_general_dilated=lax.conv_general_dilated))
 
     z = common.block(jax.jit(lambda a: f(f(jnp.zeros_like(a[1]), a), a))((params, x)))
     key = jax.random.key(1)
@@ -70,8 +68,6 @@ def contenders(channels: int, inner: int, batch: int, size: int) -> dict:
 
 def frequency_contenders(batch: int, max_iter: int, freq: float, run_steps: int):
     """``(contenders, drawn)``: the experiment's plain and penalised steps and a run of ``run_steps`` at ``freq``."""
-    import numpy as np
-
     from experiments.cifar10 import steps
     from experiments.cifar10.config import Config
 
