@@ -45,8 +45,7 @@ RADIUS_BATCHES = 1  # test batches whose fixed points get a spectral radius each
 class Steps(NamedTuple):
     """The compiled steps and the shardings their inputs need."""
 
-    train: Any  # (state, images, labels) -> (state, metrics)
-    train_penalised: Any  # the same with the Jacobian penalty, or None when no step needs a second program
+    train: dict[bool, Any]  # with the Jacobian penalty or not -> (state, images, labels) -> (state, metrics)
     eval: Any  # (state, images, labels, mask, exact) -> metrics
     radius: Any  # (state, images, mask) -> spectral radius sums
     replicated: NamedSharding
@@ -56,9 +55,7 @@ class Steps(NamedTuple):
 
     def train_for(self, config: Config, step: int):
         """The compiled train step for optimizer step ``step`` (with or without the penalty)."""
-        if self.train_penalised is None:
-            return self.train
-        return self.train_penalised if penalty_applies(config, step) else self.train
+        return self.train[penalty_applies(config, step)]
 
     def batch(self, *local: np.ndarray) -> tuple[jax.Array, ...]:
         """Global batch arrays from this process's ``rows`` of them."""
@@ -104,14 +101,15 @@ def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Me
         return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=data)
 
     images, labels, flags = batch_spec(jnp.uint8, 32, 32, 3), batch_spec(jnp.int32), batch_spec(jnp.bool_)
+
     def train_jit(penalty):
         return jax.jit(
             functools.partial(train_step, model_def=model_def, tx=tx, config=config, penalty=penalty),
             in_shardings=(replicated, data, data), out_shardings=replicated, donate_argnums=0,
         ).lower(state, images, labels).compile()
 
-    # With 0 < --jac-reg-freq < 1 the host picks one of two programs per step.
-    both = config.jac_reg > 0 and config.jac_reg_freq < 1
+    # The programs penalty_applies can ask for: with 0 < --jac-reg-freq < 1, both.
+    penalties = (False, True) if config.jac_reg > 0 and config.jac_reg_freq < 1 else (config.jac_reg > 0,)
     eval_jit = jax.jit(
         functools.partial(eval_step, model_def=model_def),
         in_shardings=(replicated, data, data, data, data), out_shardings=replicated,
@@ -121,8 +119,7 @@ def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Me
         in_shardings=(replicated, data, data), out_shardings=replicated,
     )
     return Steps(
-        train=train_jit(config.jac_reg > 0 and not both),
-        train_penalised=train_jit(True) if both else None,
+        train={penalty: train_jit(penalty) for penalty in penalties},
         eval=eval_jit.lower(state, images, labels, flags, flags).compile(),
         radius=radius_jit.lower(state, images, flags).compile(),
         replicated=replicated, data=data, batch_size=batch_size, rows=distributed.process_rows(data, batch_size),
