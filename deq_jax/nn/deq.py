@@ -64,7 +64,8 @@ def explicit_cell(cell: nnx.Module):
     from its RNG streams -- a dropout mask, say -- is the same at every solver
     iteration and in the backward solve.
 
-    ``f``'s output is cast to ``z``'s dtype: the cast keeps a solver state in float32
+    ``f``'s output is cast to ``z``'s dtype (leaf by leaf for a tuple state such as
+    :class:`deq_jax.nn.MDEQCell`'s): the cast keeps a solver state in float32
     when the cell computes in bfloat16, and its transpose keeps the backward solve there.
 
     Args:
@@ -86,7 +87,8 @@ def explicit_cell(cell: nnx.Module):
     def f(z, args):
         state, x = args
         # copy=True: the state may hold Variables of an outer trace, which NNX would refuse to update here.
-        return nnx.merge(graphdef, state, copy=True)(z, x).astype(z.dtype)
+        out = nnx.merge(graphdef, state, copy=True)(z, x)
+        return jax.tree.map(lambda o, zi: o.astype(zi.dtype), out, z)
 
     return f, state
 
@@ -122,7 +124,10 @@ class DEQ(nnx.Module):
     ``tol=1e-2``: Anderson took a 16/32-channel CIFAR-10 DEQ's bfloat16 cell to 1e-4.
 
     Args:
-      cell: an NNX module called as ``cell(z, x)``, returning an array shaped like ``z``.
+      cell: an NNX module called as ``cell(z, x)``, returning an array (or pytree)
+        shaped like ``z``. ``z`` has ``x``'s shape unless the cell says otherwise with a
+        method ``initial_state(x)`` returning the zero state (a tuple of per-resolution
+        arrays for :class:`deq_jax.nn.MDEQCell`).
       solver: forward solver (the chapter's settings by default: Anderson, m=5,
         tol=1e-2, max_iter=25).
       gradient: :class:`deq_jax.Implicit` (default; its ``solver`` solves the backward
@@ -147,25 +152,27 @@ class DEQ(nnx.Module):
         self.gradient = gradient
         self.backward_stats = BackwardStatsProbe(jnp.zeros(NUM_STATS, jnp.float32))
 
-    def __call__(self, x: jax.Array, z0: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, z0=None):
         """The fixed point ``z*``: ``self.solve(x, z0).value``."""
         return self.solve(x, z0).value
 
-    def solve(self, x: jax.Array, z0: jax.Array | None = None) -> Solution:
+    def solve(self, x: jax.Array, z0=None) -> Solution:
         """Solves for the equilibrium of ``cell(., x)``.
 
         Args:
           x: the injection, e.g. NHWC; also fixes the shape of ``z``. It reaches the
             cell in its own dtype (bfloat16 from a bfloat16 stem, say).
-          z0: initial estimate and the dtype of the solver state; if None, zeros in
-            ``x``'s dtype promoted to at least float32 (float32 for a bfloat16 ``x``).
+          z0: initial estimate (an array or the cell's pytree) and the dtype of the
+            solver state; if None, the cell's ``initial_state(x)`` where it has one, else
+            zeros shaped like ``x`` in its dtype promoted to at least float32 (float32
+            for a bfloat16 ``x``).
 
         Returns:
-          The forward :class:`deq_jax.Solution`; its ``value``, shaped like ``x`` (or
-          ``z0``) in ``z0``'s dtype, is differentiable w.r.t. the cell and ``x``.
+          The forward :class:`deq_jax.Solution`; its ``value``, shaped like ``z0`` in its
+          dtype, is differentiable w.r.t. the cell and ``x``.
         """
         if z0 is None:
-            z0 = jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))
+            z0 = self.initial_state(x)
         f, state = explicit_cell(self.cell)
         solution = fixed_point(
             f, z0, (state, x), solver=self.solver, gradient=self.gradient,
@@ -174,7 +181,13 @@ class DEQ(nnx.Module):
         self._advance_state(solution.value, x)
         return solution
 
-    def _advance_state(self, z: jax.Array, x: jax.Array) -> None:
+    def initial_state(self, x: jax.Array):
+        """The default ``z0``: the cell's ``initial_state(x)`` if it has one, else zeros like ``x`` (>= float32)."""
+        if hasattr(self.cell, "initial_state"):
+            return self.cell.initial_state(x)
+        return jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))
+
+    def _advance_state(self, z, x: jax.Array) -> None:
         """Updates the cell's non-parameter state as one application at ``z`` would (nothing if it has none)."""
         if not jax.tree.leaves(nnx.state(self.cell, nnx.Not(nnx.Param))):
             return
