@@ -1,6 +1,9 @@
-"""Shared fixtures: float64 for gradient checks, the chapter's PyTorch reference."""
+"""Shared fixtures: float64 for gradient checks, the chapter's PyTorch reference; one compilation cache per run."""
 import contextlib
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -9,6 +12,39 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFERENCE = SHARED / "reference" / "seed_deq_torch.py"
+
+
+CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    """Every test and every subprocess of one run share a persistent compilation cache.
+
+    The suite's cost is compilation: tests, benchmarks' quick modes and the experiment's
+    subprocesses build many identical programs (JAX keys the cache by program and
+    compiler, so only identical ones are reused). The first process to configure (pytest
+    itself, or xdist's controller before it starts its workers) creates a fresh folder and
+    exports it; workers and subprocesses inherit the variable. A cache the user set is
+    used as it is and kept.
+    """
+    if CACHE_VARIABLE not in os.environ:
+        os.environ[CACHE_VARIABLE] = tempfile.mkdtemp(prefix="deq_jax_tests_jax_cache_")
+        config.stash[_OWN_CACHE] = os.environ[CACHE_VARIABLE]
+    # Programs that compile in under 0.2 s cost about as much to serialise as to compile.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_VARIABLE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+    own = config.stash.get(_OWN_CACHE, None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
+        del os.environ[CACHE_VARIABLE]
+
+
+_OWN_CACHE = pytest.StashKey[str]()
 
 
 @pytest.fixture

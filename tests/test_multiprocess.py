@@ -119,8 +119,9 @@ def runs(tmp_path_factory, write_cifar_parts):
     base = tmp_path_factory.mktemp("multiprocess")
     data = write_cifar_parts(base / "data", train=16, test=12)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+           # The run's cache (conftest), else one of its own: each mesh then compiles once.
+           "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", str(base / "jax_cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
            # A dead proxy: the coordinator's connections must bypass it (no_proxy).
            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     flags = [*FLAGS, "--data-dir", str(data)]
