@@ -97,9 +97,18 @@ def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom) -> Solution:
         fz = f(z, args)
         return fz if tau == 1 else jax.tree_util.tree_map(lambda a, b: tau * a + (1 - tau) * b, fz, z)
 
+    return dataclasses.replace(solution, value=apply_steps(step, z, gradient.steps))
+
+
+def apply_steps(step: Callable, z, count: int):
+    """``count`` applications ``z <- step(i, z)``, differentiable by plain backprop.
+
+    Unrolled in the graph where ``unrolled_phantom`` of :func:`deq_jax.backend_choices`
+    says so (XLA:CPU runs a convolution's kernel gradient far slower inside a loop),
+    else a ``lax.fori_loop``.
+    """
     if backend_choices().unrolled_phantom:
-        for i in range(gradient.steps):
+        for i in range(count):
             z = step(i, z)
-    else:
-        z = lax.fori_loop(0, gradient.steps, step, z)
-    return dataclasses.replace(solution, value=z)
+        return z
+    return lax.fori_loop(0, count, step, z)

@@ -112,3 +112,27 @@ def test_a_bfloat16_cell_keeps_a_float32_state():
     assert (np.asarray(solution.residual) < 0.05).all(), solution.residual
     grads = nnx.jit(nnx.grad(lambda deq: sum(jnp.sum(z ** 2) for z in deq(x))))(deq)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_unrolled_warm_up_is_plain_backprop_through_depth_applications(x64):
+    deq = dj.nn.DEQ(small_cell(dropout=0.3))
+    x = injection()
+    f, state = dj.nn.explicit_cell(nnx.clone(deq.cell))  # the state the call will see: one mask for every application
+
+    def plain(params, x):
+        z = deq.initial_state(x)
+        for _ in range(4):
+            z = f(z, (nnx.merge_state(state, params), x))
+        return weighted_sum(z)
+
+    params = nnx.state(deq.cell, nnx.Param)
+    want_value, (want_params, want_x) = jax.value_and_grad(plain, argnums=(0, 1))(params, x)
+    value, (grads, got_x) = nnx.value_and_grad(lambda deq, x: weighted_sum(deq.unrolled(x, depth=4)), argnums=(0, 1))(deq, x)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    np.testing.assert_allclose(got_x, want_x, rtol=1e-10, atol=1e-12)
+    for got, want in zip(jax.tree.leaves(grads["cell"]), jax.tree.leaves(want_params)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # The mask advanced once: the next call differs.
+    assert not np.allclose(deq.unrolled(x, depth=4)[0], dj.nn.DEQ(small_cell(dropout=0.3)).unrolled(x, depth=4)[0])
+    with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
+        deq.unrolled(x, depth=0)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .._fixed_point import fixed_point
-from .._gradients import Implicit
+from .._checks import check_int
+from .._gradients import Implicit, apply_steps
 from .._jacobian import jacobian_penalty, spectral_radius
 from .._solution import NUM_STATS, Solution, SolveStats
 from .._solvers import Anderson
@@ -180,6 +181,37 @@ class DEQ(nnx.Module):
         )
         self._advance_state(solution.value, x)
         return solution
+
+    def unrolled(self, x: jax.Array, depth: int, z0=None):
+        """The weight-tied network of depth ``depth``: the cell applied ``depth`` times, no solve.
+
+        The MDEQ recipe's warm-up (``PRETRAIN_STEPS`` training steps on ``NUM_LAYERS``
+        applications from zeros before the switch to the equilibrium): the result is
+        differentiated by plain backprop through every application. As in a solve, every
+        application sees the cell's non-parameter state as it was before the call (one
+        dropout mask for all of them), and the state then advances once.
+
+        Args:
+          x: the injection.
+          depth: applications of the cell, an int >= 1.
+          z0: the starting state; None: as :meth:`solve`'s default.
+
+        Returns:
+          ``cell^depth(z0)``, shaped like ``z0`` in its dtype.
+
+        Example:
+          >>> import jax.numpy as jnp, deq_jax as dj
+          >>> from flax import nnx
+          >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
+          >>> deq.unrolled(jnp.ones((2, 6, 6, 8)), depth=3).shape
+          (2, 6, 6, 8)
+        """
+        check_int("DEQ.unrolled", depth=depth)
+        f, state = explicit_cell(self.cell)
+        z0 = self.initial_state(x) if z0 is None else z0
+        z = apply_steps(lambda _, z: f(z, (state, x)), z0, depth)
+        self._advance_state(z, x)
+        return z
 
     def initial_state(self, x: jax.Array):
         """The default ``z0``: the cell's ``initial_state(x)`` if it has one, else zeros like ``x`` (>= float32)."""
