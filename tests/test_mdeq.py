@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import deq_jax as dj
 from deq_jax.nn import WeightNorm
+from experiments.cifar10.model import CifarMDEQ
 from deq_jax.nn.mdeq import MDEQCell, VariationalDropout
 from deq_jax.nn.mdeq_head import MDEQClassifierHead, MDEQStem
 
@@ -136,6 +138,10 @@ def test_head_parameter_count():
 def test_full_model_parameter_count(name):
     spec = TINY if name == "TINY" else LARGE
     assert count(nnx.eval_shape(lambda: Model(spec))) == OFFICIAL_COUNTS[name]
+    # The experiment's model of that configuration holds the same parameters.
+    experiment = nnx.eval_shape(lambda: CifarMDEQ(f"mdeq-{name.lower()}", solver=dj.Broyden(), gradient=dj.Implicit(),
+                                                  rngs=nnx.Rngs(0)))
+    assert count(experiment) == OFFICIAL_COUNTS[name]
 
 
 # --- variational dropout -----------------------------------------------------------------------------

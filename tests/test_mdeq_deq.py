@@ -136,3 +136,29 @@ def test_unrolled_warm_up_is_plain_backprop_through_depth_applications(x64):
     assert not np.allclose(deq.unrolled(x, depth=4)[0], dj.nn.DEQ(small_cell(dropout=0.3)).unrolled(x, depth=4)[0])
     with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
         deq.unrolled(x, depth=0)
+
+
+def test_the_experiments_mdeq_trains_with_dropout_and_evaluates_without():
+    from experiments.cifar10.model import CifarMDEQ
+
+    model = CifarMDEQ("mdeq-tiny", solver=dj.Broyden(tol=1e-2, max_iter=6), gradient=dj.Implicit(), rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+    labels = jnp.array([3, 7])
+
+    @nnx.jit
+    def train_loss_and_grads(model, images):
+        def loss(model):
+            logits = model(images, train=True)
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+        return nnx.value_and_grad(loss)(model)
+
+    evaluate = nnx.jit(lambda model, images: model(images, train=False))
+    first, grads = train_loss_and_grads(model, images)
+    second, _ = train_loss_and_grads(model, images)
+    assert np.isfinite(first) and first != second, "two training passes must draw two dropout masks"
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    cell_grads = nnx.state(grads["deq"]["cell"], nnx.Param)
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(cell_grads))
+    logits = evaluate(model, images)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
+    np.testing.assert_array_equal(logits, evaluate(model, images))  # no dropout, running statistics

@@ -1,4 +1,5 @@
-"""The chapter's CIFAR-10 DEQ: conv stem, BatchNorm, DEQ(ResNetCell), BatchNorm, pool, linear."""
+"""The CIFAR-10 models: the chapter's DEQ (conv stem, BatchNorm, DEQ(ResNetCell), BatchNorm, pool, linear)
+and the multiscale DEQ of the official CIFAR-10 configurations (stem, DEQ(MDEQCell), classifier head)."""
 from __future__ import annotations
 
 import math
@@ -106,6 +107,74 @@ class CifarDEQ(nnx.Module):
         z = nnx.avg_pool(self.norm_out(z, use_running_average=not train), (8, 8), strides=(8, 8))
         # At least float32, so that softmax and the loss never run in bfloat16.
         logits = self.head(z.reshape(z.shape[0], -1))
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+# The official CIFAR-10 configurations (locuslab/deq, MDEQ-Vision/experiments/cifar/cls_mdeq_{TINY,LARGE}.yaml).
+# Both also set NUM_GROUPS 8, EXPANSION_FACTOR 5, WNORM true, POST_GN_AFFINE false, DOWNSAMPLE_TIMES 0,
+# one 3x3 BASIC block per branch (MDEQ_SHARED). The official MDEQNet has a stage0 unless
+# DOWNSAMPLE_TIMES is 0 with at most 2 branches: TINY has none, LARGE one.
+MDEQ_PRESETS = {
+    "mdeq-tiny": dict(channels=(24, 24), head_channels=(8, 16), final_channels=200, dropout=0.25, stage0=False),
+    "mdeq-large": dict(channels=(32, 64, 128, 256), head_channels=(14, 28, 56, 112), final_channels=1680,
+                       dropout=0.3, stage0=True),
+}
+MDEQ_SHARED = dict(num_groups=8, expansion=5, weight_norm=True, post_affine=False)
+
+
+class CifarMDEQ(nnx.Module):
+    """The official CIFAR-10 MDEQ: ``MDEQStem`` -> DEQ(``MDEQCell``) -> ``MDEQClassifierHead``.
+
+    The same interface as :class:`CifarDEQ` (``inject``, ``deq``, ``classify``), so the
+    experiment's steps run either. The equilibrium state is the cell's tuple of
+    per-resolution states; dropout (one variational mask per example and pass, see
+    :class:`deq_jax.nn.VariationalDropout`) and the BatchNorms follow ``train``.
+    Parameter counts equal the official ``MDEQClsNet``'s: 158,890 (``mdeq-tiny``) and
+    11,097,438 (``mdeq-large``), weight norm's g and v both counted (tests/test_mdeq.py).
+
+    Args:
+      preset: a key of :data:`MDEQ_PRESETS`.
+      solver: the DEQ's forward solver.
+      gradient: its gradient strategy.
+      rngs: ``nnx.Rngs`` for the weights and the dropout masks (its ``dropout`` stream, else ``default``).
+      dropout: the cell's dropout rate; None: the preset's.
+      weight_norm: weight-normalise the cell's convolutions (the official configurations do).
+      num_classes: outputs of the classifier.
+      dtype: computation dtype of every layer, e.g. ``jnp.bfloat16``; None: float32.
+
+    Example:
+      >>> model = CifarMDEQ("mdeq-tiny", solver=dj.Broyden(max_iter=4), gradient=dj.Implicit(), rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 32, 32, 3)), train=False).shape
+      (2, 10)
+    """
+
+    def __init__(self, preset: str, *, solver, gradient, rngs: nnx.Rngs, dropout: float | None = None,
+                 weight_norm: bool = True, num_classes: int = 10, dtype=None):
+        if preset not in MDEQ_PRESETS:
+            raise ValueError(f"CifarMDEQ: preset must be one of {tuple(MDEQ_PRESETS)}, got {preset!r}.")
+        spec = MDEQ_PRESETS[preset]
+        channels = spec["channels"]
+        options = {**MDEQ_SHARED, "weight_norm": weight_norm}
+        self.stem = dj.nn.MDEQStem(channels[0], stage0=spec["stage0"], dtype=dtype, rngs=rngs)
+        cell = dj.nn.MDEQCell(channels, dropout=spec["dropout"] if dropout is None else dropout, dtype=dtype,
+                              rngs=rngs, **options)
+        self.deq = dj.nn.DEQ(cell, solver=solver, gradient=gradient)
+        self.head = dj.nn.MDEQClassifierHead(channels, spec["head_channels"], spec["final_channels"], num_classes,
+                                             dtype=dtype, rngs=rngs)
+
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        """Logits ``[B, num_classes]`` (float32) of images ``[B, 32, 32, 3]``; see :meth:`CifarDEQ.__call__`."""
+        return self.classify(self.deq(self.inject(images, train=train)), train=train)
+
+    def inject(self, images: jax.Array, *, train: bool) -> jax.Array:
+        """The DEQ's input ``x``, ``[B, 32, 32, channels[0]]``; sets the whole model's mode to ``train``."""
+        self.train() if train else self.eval()
+        return self.stem(images)
+
+    def classify(self, z, *, train: bool) -> jax.Array:
+        """Float32 logits from the equilibrium tuple ``z``."""
+        self.train() if train else self.eval()
+        logits = self.head(z)
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
