@@ -54,12 +54,19 @@ ROWS = {  # name -> (Config overrides, ReLU replaced by softplus)
 QUICK_ROWS = ("chapter (Anderson, implicit)", "toolkit (all four)")
 
 
-def _first_gradients(settings: dict, smooth: bool, batches: list) -> list[dict[str, float]]:
-    """Per batch, each tensor's gap between the 1-device and the 4-device gradient (in the worker)."""
+def first_steps(settings: dict, images, labels) -> list:
+    """The experiment's first training step compiled on 1 device and on all of them (run in a worker).
+
+    Both start from the same weights (``train.init_state``), cast to float64 when x64 is
+    on; the "optimizer" keeps each step's gradient as its state. ``images``, ``labels``
+    (a batch of 8) fix the shapes.
+
+    Returns:
+      Two functions ``(images, labels) -> (new_state, metrics)``, as numpy, 1 device first.
+    """
     import jax
     import jax.numpy as jnp
     import optax
-    from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
     from experiments.cifar10 import train
@@ -67,33 +74,54 @@ def _first_gradients(settings: dict, smooth: bool, batches: list) -> list[dict[s
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
     tx = optax.GradientTransformation(zeros, lambda grads, state, params=None: (zeros(grads), grads))
     config = train.Config(batch_size=8, f_max_iter=4, b_max_iter=4, **settings)
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    steps = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        model_def, state, _, _ = train.init_state(config, total_steps=10)
+        state = {**state, "opt_state": tx.init(state["params"])}
+        state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+        mesh = train.make_mesh(devices)
+        rep, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+        step = jax.jit(functools.partial(train.train_step, model_def=model_def, tx=tx, config=config),
+                       in_shardings=(rep, data, data), out_shardings=rep)
+        state = jax.device_put(state, rep)
+        step = step.lower(state, jax.device_put(images, data), jax.device_put(labels, data)).compile()
+        steps.append(functools.partial(_run_step, step, state, data))
+    return steps
+
+
+def _run_step(step, state, data, images, labels):
+    """One compiled step on a batch split over ``data``'s devices (one shard each), as numpy."""
+    import jax
+
+    batch = jax.device_put((images, labels), data)
+    assert len(batch[0].addressable_shards) == data.mesh.size
+    return jax.device_get(step(state, *batch))
+
+
+def gaps(a, b) -> dict[str, float]:
+    """``max |a - b| / max |a|`` per tensor of two pytrees, named by path; the stem's bias left out
+    (a train-mode BatchNorm follows it: its true gradient is 0 and what is computed is noise)."""
+    import jax
+
+    paths = jax.tree_util.tree_leaves_with_path(a)
+    names = ["/".join(str(k.key) for k in path if hasattr(k, "key")) for path, _ in paths]
+    return {name: float(np.abs(x - y).max() / np.abs(x).max())
+            for name, (_, x), y in zip(names, paths, jax.tree.leaves(b)) if name != "stem/bias"}
+
+
+def _first_gradients(settings: dict, smooth: bool, batches: list) -> list[dict[str, float]]:
+    """Per batch, each tensor's gap between the 1-device and the 4-device gradient (in the worker)."""
+    import jax
+    from flax import nnx
+
     relu = nnx.relu
     nnx.relu = jax.nn.softplus if smooth else relu  # ResNetCell looks it up when traced
     try:
-        steps = []
-        for devices in (jax.devices()[:1], jax.devices()):
-            model_def, state, _, _ = train.init_state(config, total_steps=10)
-            state = {**state, "opt_state": tx.init(state["params"])}
-            dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-            state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-            mesh = train.make_mesh(devices)
-            rep, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-            step = jax.jit(functools.partial(train.train_step, model_def=model_def, tx=tx, config=config),
-                           in_shardings=(rep, data, data), out_shardings=rep)
-            state = jax.device_put(state, rep)
-            images, labels = batches[0]
-            step = step.lower(state, jax.device_put(images, data), jax.device_put(labels, data)).compile()
-            steps.append(functools.partial(lambda step, state, data, x, y: jax.device_get(
-                step(state, jax.device_put(x, data), jax.device_put(y, data))[0]["opt_state"]), step, state, data))
+        one, four = first_steps(settings, *batches[0])
     finally:
         nnx.relu = relu
-    gaps = []
-    for images, labels in batches:
-        g1, g4 = (jax.tree_util.tree_leaves_with_path(run(images, labels)) for run in steps)
-        named = {"/".join(str(k.key) for k in path if hasattr(k, "key")): (a, b) for (path, a), (_, b) in zip(g1, g4)}
-        gaps.append({name: float(np.abs(a - b).max() / np.abs(a).max())
-                     for name, (a, b) in named.items() if name != "stem/bias"})
-    return gaps
+    return [gaps(one(*batch)[0]["opt_state"], four(*batch)[0]["opt_state"]) for batch in batches]
 
 
 def worker(rows: list[str], num_batches: int) -> None:
