@@ -15,6 +15,7 @@ REFERENCE = SHARED / "reference" / "seed_deq_torch.py"
 
 
 CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE = pytest.StashKey[str]()  # the cache folder this run created (and removes)
 
 
 def pytest_configure(config):
@@ -30,7 +31,7 @@ def pytest_configure(config):
     if CACHE_VARIABLE not in os.environ:
         os.environ[CACHE_VARIABLE] = tempfile.mkdtemp(prefix="deq_jax_tests_jax_cache_")
         config.stash[_OWN_CACHE] = os.environ[CACHE_VARIABLE]
-    # Programs that compile in under 0.2 s cost about as much to serialise as to compile.
+    # 0.2 s rather than JAX's default 1 s, so that mid-sized programs are kept too (a choice, not a measured optimum).
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_VARIABLE])
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
@@ -42,9 +43,6 @@ def pytest_unconfigure(config):
     if own is not None:
         shutil.rmtree(own, ignore_errors=True)
         del os.environ[CACHE_VARIABLE]
-
-
-_OWN_CACHE = pytest.StashKey[str]()
 
 
 @pytest.fixture

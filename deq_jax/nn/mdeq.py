@@ -13,11 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .._checks import check_int, check_number
+from .cell import TORCH_GROUPNORM_EPS
 from .conv import default_conv, loop_friendly_conv
 from .group_norm import GroupNorm, group_norm
 from .weight_norm import WeightNorm
 
-TORCH_GROUPNORM_EPS = 1e-5  # PyTorch's default
 TORCH_DEFAULT_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 """PyTorch's default ``nn.Conv2d``/``nn.Linear`` weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
 

@@ -162,18 +162,25 @@ class CifarMDEQ(nnx.Module):
         self.head = dj.nn.MDEQClassifierHead(channels, spec["head_channels"], spec["final_channels"], num_classes,
                                              dtype=dtype, rngs=rngs)
 
+    def _set_mode(self, train: bool) -> None:
+        """Dropout and BatchNorm follow ``train`` (the layers keep their mode as an attribute, not an argument)."""
+        if train:
+            self.train()
+        else:
+            self.eval()
+
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         """Logits ``[B, num_classes]`` (float32) of images ``[B, 32, 32, 3]``; see :meth:`CifarDEQ.__call__`."""
         return self.classify(self.deq(self.inject(images, train=train)), train=train)
 
     def inject(self, images: jax.Array, *, train: bool) -> jax.Array:
-        """The DEQ's input ``x``, ``[B, 32, 32, channels[0]]``; sets the whole model's mode to ``train``."""
-        self.train() if train else self.eval()
+        """The DEQ's input ``x``, ``[B, 32, 32, channels[0]]``."""
+        self._set_mode(train)
         return self.stem(images)
 
     def classify(self, z, *, train: bool) -> jax.Array:
         """Float32 logits from the equilibrium tuple ``z``."""
-        self.train() if train else self.eval()
+        self._set_mode(train)
         logits = self.head(z)
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
