@@ -23,7 +23,7 @@ from flax import nnx
 
 import deq_jax as dj
 from deq_jax.nn import WeightNorm
-from experiments.cifar10.model import CifarMDEQ
+from experiments.cifar10.model import MDEQ_PRESETS, MDEQ_SHARED, CifarMDEQ
 from deq_jax.nn.mdeq import MDEQCell, VariationalDropout
 from deq_jax.nn.mdeq_head import MDEQClassifierHead, MDEQStem
 
@@ -31,10 +31,20 @@ REFERENCE = Path(os.environ.get("DEQ_MDEQ_REFERENCE", "/tmp/mdeq_ref"))
 # Parameter counts of the official MDEQClsNet for the CIFAR-10 yamls (weight norm's g and v both
 # counted), measured with torch 2.13 on locuslab/deq 1fb7059; ours (stem + cell + head) are equal.
 OFFICIAL_COUNTS = {"TINY": 158_890, "LARGE": 11_097_438}
-TINY = dict(channels=(24, 24), num_blocks=(1, 1), big_kernels=(0, 0), head=(8, 16), final=200, num_groups=8,
-            weight_norm=True, post_affine=False, stage0=False)
-LARGE = dict(channels=(32, 64, 128, 256), num_blocks=(1,) * 4, big_kernels=(0,) * 4, head=(14, 28, 56, 112),
-             final=1680, num_groups=8, weight_norm=True, post_affine=False, stage0=True)
+
+
+def official_spec(preset: str) -> dict:
+    """The architecture of one of the experiment's presets (``MDEQ_PRESETS``, from the official CIFAR-10 yamls), as
+    this file's ``Model`` takes it. The presets are thus checked against the yamls: by the parity test (TINY,
+    the official model built from its yaml) and by the parameter counts (both)."""
+    preset, shared = MDEQ_PRESETS[preset], MDEQ_SHARED
+    branches = len(preset["channels"])
+    return dict(channels=preset["channels"], num_blocks=(1,) * branches, big_kernels=(0,) * branches,
+                head=preset["head_channels"], final=preset["final_channels"], num_groups=shared["num_groups"],
+                weight_norm=shared["weight_norm"], post_affine=shared["post_affine"], stage0=preset["stage0"])
+
+
+TINY, LARGE = official_spec("mdeq-tiny"), official_spec("mdeq-large")
 
 
 def materialise(abstract, seed=0):
