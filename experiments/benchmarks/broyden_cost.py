@@ -50,21 +50,17 @@ def solvers(max_iter: int) -> dict:
 
 
 def programs(f, solver):
-    """The jitted forward solve and gradient of one solver; both also return the steps spent."""
+    """The jitted forward solve (its ``Solution``) and gradient of ``sum(w * z*)`` (with the ``Solution`` as aux)."""
 
     def solve(args, probe):
         z0 = jnp.zeros_like(args[1])
         return dj.fixed_point(f, z0, args, solver=solver, gradient=dj.Implicit(solver), backward_stats_probe=probe)
 
-    def forward(args, probe):
-        sol = solve(args, probe)
-        return sol.value, sol.num_steps
-
     def loss(args, probe, w):
         sol = solve(args, probe)
-        return jnp.sum(w * sol.value), sol.num_steps
+        return jnp.sum(w * sol.value), sol
 
-    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    return jax.jit(solve), jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
 
 
 def measure(name, channels, inner, batch, size, max_iter, repeats) -> list[dict]:
@@ -78,8 +74,9 @@ def measure(name, channels, inner, batch, size, max_iter, repeats) -> list[dict]
         # Compiled once, ahead of time: the HLO text and the timed calls come from the same executable.
         forward, grad = forward.lower(args, probe).compile(), grad.lower(args, probe, w).compile()
         jitted[label] = forward, grad
-        _, fwd_steps = common.block(forward(args, probe))
-        (_, probe_bar), grad_steps = common.block(grad(args, probe, w))
+        fwd_steps = common.block(forward(args, probe)).num_steps
+        (_, probe_bar), grad_sol = common.block(grad(args, probe, w))
+        grad_steps = grad_sol.num_steps
         backward = SolveStats.from_array(probe_bar)
         steps[label] = (int(np.min(fwd_steps)), int(np.max(fwd_steps)), int(np.min(grad_steps)),
                         float(backward.mean_steps), float(backward.max_steps))
@@ -117,13 +114,8 @@ def sweep_steps(channels, inner, batch, size, tol, memory, max_iter) -> dict:
     _, f, params, x, w = common.cell_problem(channels, inner, batch, size)
     solver = dj.Broyden(tol=tol, max_iter=max_iter, memory=memory)
     probe = jnp.zeros(len(SolveStats._fields), jnp.float32)
-
-    def loss(args, probe):
-        sol = dj.fixed_point(f, jnp.zeros_like(args[1]), args, solver=solver, gradient=dj.Implicit(solver),
-                             backward_stats_probe=probe)
-        return jnp.sum(w * sol.value), sol
-
-    (_, probe_bar), sol = common.block(jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))((params, x), probe))
+    _, grad = programs(f, solver)
+    (_, probe_bar), sol = common.block(grad((params, x), probe, w))
     backward = SolveStats.from_array(probe_bar)
     return {"fwd_mean": float(np.mean(sol.num_steps)), "fwd_max": int(np.max(sol.num_steps)),
             "fwd_converged": float(np.mean(sol.converged)), "bwd_mean": float(backward.mean_steps),
