@@ -1,4 +1,4 @@
-"""One run on a lent accelerator: the CIFAR-10 recipe, the speed table, the test suite, in a time budget.
+"""One run on a lent accelerator: the CIFAR-10 recipes, the speed table, the test suite, in a time budget.
 
 Installs nothing and needs no network or TFDS: the data comes as ``export_npz`` parts,
 and everything is written under ``--out`` (the device's ``$OUT``). The three parts run
@@ -7,6 +7,8 @@ its output in ``<out>/<part>.log``:
 
 1. ``recipe``: ``python -m experiments.cifar10`` with the chapter's settings (50 epochs),
    stopping cleanly at its share (``--time-budget``): metrics, summary, plots, checkpoints.
+   ``recipe_mdeq``: the same with ``--model mdeq-tiny`` (the official TINY recipe: 50
+   epochs, the first 3,000 steps on the unrolled network).
 2. ``speed_b100``, then ``speed_b500``: ``experiments.benchmarks.vs_pytorch``'s training
    step, deq_jax against the chapter's PyTorch code on the same device, in float32 and
    bfloat16, with both convolution forms (4 compiled steps per batch size), at batch 100,
@@ -16,7 +18,7 @@ its output in ``<out>/<part>.log``:
 3. ``tests``: the test suite (TFDS-only tests skip where TFDS is absent).
 
 After each part ``<out>/report.md`` is rewritten: what each part did, test accuracy per
-epoch, seconds per epoch and the projected time of all the recipe's epochs, the speed
+epoch, seconds per epoch and the projected time of all of a recipe's epochs, the speed
 table, the tests' outcome. A part past its share is killed, and the report says so.
 
 No part outlives the script: when it is stopped (SIGTERM, SIGINT/Ctrl-C) or fails while a
@@ -46,8 +48,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Shares of the budget; what a part leaves unused passes on to the later ones.
-# Guessed, GPU compile times unknown: each speed part compiles 4 train steps, the recipe 3.
-SHARES = {"recipe": 0.35, "speed_b100": 0.25, "speed_b500": 0.25, "tests": 0.15}
+# Guessed, GPU compile times unknown: each speed part compiles 4 train steps, the chapter's recipe 3, MDEQ's 5.
+SHARES = {"recipe": 0.25, "recipe_mdeq": 0.2, "speed_b100": 0.2, "speed_b500": 0.2, "tests": 0.15}
+RECIPES = {"recipe": ("cifar10", []), "recipe_mdeq": ("cifar10_mdeq", ["--model", "mdeq-tiny"])}  # workdir, flags
 KILL_GRACE_S = 10  # after SIGTERM, before SIGKILL
 RECIPE_MARGIN_S = 30  # kept from the recipe's share for its last save and summary
 BATCHES = {"speed_b100": 100, "speed_b500": 500}
@@ -65,7 +68,8 @@ DEVICE_TESTS = tuple(f"tests/test_{name}.py" for name in (
 def part_commands(args) -> dict[str, list[str]]:
     """The command of each part, full or shrunk for ``--dry-run``."""
     python, out = sys.executable, Path(args.out)
-    recipe = [python, "-m", "experiments.cifar10", "--workdir", str(out / "cifar10"), "--data-dir", args.data_dir]
+    recipes = {name: [python, "-m", "experiments.cifar10", "--workdir", str(out / workdir), "--data-dir", args.data_dir,
+                      *flags] for name, (workdir, flags) in RECIPES.items()}
     speed = {name: [python, "-m", "experiments.benchmarks.vs_pytorch", "--workloads", "train",
                     "--dtypes", "float32", "bfloat16", "--json", str(out / f"{name}.json"),
                     "--batches", str((DRY_RUN_BATCHES if args.dry_run else BATCHES)[name]),
@@ -73,15 +77,17 @@ def part_commands(args) -> dict[str, list[str]]:
              for name in BATCHES}
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"]
     if args.dry_run:
-        recipe += ["--epochs", "1", "--train-limit", "100", "--eval-limit", "50", "--batch-size", "50",
-                   "--f-max-iter", "6", "--b-max-iter", "6"]
+        tiny = ["--epochs", "1", "--train-limit", "100", "--eval-limit", "50", "--batch-size", "50",
+                "--f-max-iter", "6", "--b-max-iter", "6"]
+        recipes = {name: command + tiny for name, command in recipes.items()}
+        recipes["recipe_mdeq"] += ["--warmup-steps", "1"]  # of two steps: one unrolled, one on the equilibrium
         # float32 at the chapter's settings only: the other variants are exercised by tests/test_benchmarks.py.
         speed = {name: [*command, "--quick", "--repeats", "1", "--dtypes", "float32", "--settings", "chapter"]
                  for name, command in speed.items()}
         tests += list(DRY_RUN_TESTS)
     else:
         tests += list(DEVICE_TESTS)
-    return {"recipe": recipe, **speed, "tests": tests}
+    return {**recipes, **speed, "tests": tests}
 
 
 def part_env(args) -> dict[str, str]:
@@ -100,7 +106,7 @@ def run_part(name: str, command: list[str], seconds: float, out: Path, env: dict
     Returns:
       ``{"status": "ok" | "failed" | "cut off", "returncode", "seconds"}``.
     """
-    if name == "recipe":
+    if name in RECIPES:
         command = [*command, "--time-budget", f"{max(seconds - RECIPE_MARGIN_S, 1):.0f}"]
     start = time.monotonic()
     with (out / f"{name}.log").open("w") as log:
@@ -167,34 +173,57 @@ def _signal_group(group: int, sig: int) -> bool:
         return False
 
 
-def recipe_report(out: Path) -> list[str]:
-    """Test accuracy per epoch, epoch time and the projected time of all epochs, from the run's files."""
-    workdir = out / "cifar10"
+def recipe_report(out: Path, name: str = "recipe") -> list[str]:
+    """Test accuracy per epoch, epoch time and the projected time of all epochs, from the run's files.
+
+    Epochs spent wholly in the warm-up (no solve: ``fwd_steps_mean`` is None) cost what
+    the unrolled network costs, the others what the equilibrium costs; the projection
+    takes each kind's mean epoch time (leaving out the run's first epoch, which also warms
+    caches, when that kind has another) for the epochs of that kind the whole run would have.
+    """
+    workdir = out / RECIPES[name][0]
     metrics = workdir / "metrics.jsonl"
     if not metrics.is_file():
         return ["no epoch finished"]
     history = [json.loads(line) for line in metrics.read_text().splitlines()]
     summary = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").is_file() else {}
-    planned = summary.get("config", {}).get("epochs")
+    config = summary.get("config", {})
     lines = ["| epoch | train loss | test acc | exact test acc | fwd steps | bwd steps | epoch s | img/s |",
              "|---|---|---|---|---|---|---|---|"]
+
+    def steps(m, prefix):
+        value = m.get(f"{prefix}_steps_mean", float("nan"))
+        return "unrolled" if value is None else f"{value:.1f}"
+
     for m in history:
         exact = "n/a" if m["test_exact_accuracy"] is None else f"{m['test_exact_accuracy']:.4f}"
         lines.append(f"| {m['epoch']} | {m['train_loss']:.4f} | {m['test_accuracy']:.4f} | {exact} | "
-                     f"{m['fwd_steps_mean']:.1f} | {m.get('bwd_steps_mean', float('nan')):.1f} | "
-                     f"{m['epoch_s']:.1f} | {m['images_per_s']:.0f} |")
-    # The first epoch also warms caches; later ones are the steady state.
-    steady = [m["epoch_s"] for m in history[1:]] or [history[0]["epoch_s"]]
-    epoch_s = sum(steady) / len(steady)
-    which = "after the first" if len(history) > 1 else "the first epoch's"
+                     f"{steps(m, 'fwd')} | {steps(m, 'bwd')} | {m['epoch_s']:.1f} | {m['images_per_s']:.0f} |")
     if summary:
         lines.append(f"\ndevice: {summary['device']}; compiled in {summary['compile_s']:.1f} s; "
-                     f"{summary['epochs']} of {planned} epochs" + (" (stopped at the time budget)"
-                                                                   if summary["stopped_early"] else ""))
-    if planned:
-        lines.append(f"projected time of all {planned} epochs: {planned * epoch_s / 60:.1f} min "
-                     f"({epoch_s:.1f} s per epoch, {which})")
+                     f"{summary['epochs']} of {config['epochs']} epochs" + (" (stopped at the time budget)"
+                                                                            if summary["stopped_early"] else ""))
+        lines.append(_projection(history, config, summary["train_examples"]))
     return lines
+
+
+def _projection(history: list[dict], config: dict, train_examples: int) -> str:
+    """The projected time of all ``config['epochs']`` epochs, from the measured epochs of each kind."""
+    warmup_epochs = min(config.get("warmup_steps", 0) / (train_examples // config["batch_size"]), config["epochs"])
+    kinds = {"unrolled": [m for m in history if m["fwd_steps_mean"] is None],
+             "equilibrium": [m for m in history if m["fwd_steps_mean"] is not None]}
+    needed = {"unrolled": warmup_epochs, "equilibrium": config["epochs"] - warmup_epochs}
+    total, parts = 0.0, []
+    for kind, epochs in kinds.items():
+        if not needed[kind]:
+            continue
+        if not epochs:
+            return f"no projection: the run needs {needed[kind]:.1f} {kind} epochs and measured none"
+        steady = [m["epoch_s"] for m in epochs if m["epoch"] > 1] or [epochs[0]["epoch_s"]]
+        epoch_s = sum(steady) / len(steady)
+        total += needed[kind] * epoch_s
+        parts.append(f"{needed[kind]:.1f} {kind} epochs at {epoch_s:.1f} s")
+    return f"projected time of all {config['epochs']} epochs: {total / 60:.1f} min ({', '.join(parts)})"
 
 
 def speed_report(out: Path, name: str) -> list[str]:
@@ -213,7 +242,7 @@ def tests_report(out: Path) -> list[str]:
 
 
 def write_report(out: Path, results: dict, args) -> Path:
-    sections = {"recipe": recipe_report, "tests": tests_report,
+    sections = {**{name: functools.partial(recipe_report, name=name) for name in RECIPES}, "tests": tests_report,
                 **{name: functools.partial(speed_report, name=name) for name in BATCHES}}
     text = [f"# Device run ({'dry run, ' if args.dry_run else ''}budget {args.budget:g} s)", ""]
     for name, result in results.items():

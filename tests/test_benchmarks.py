@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from experiments.benchmarks import __main__ as run_all
-from experiments.benchmarks import (backward_scale, common, memory, ops, scaling, solver_overhead, vs_jax_peers,
-                                   vs_pytorch)
+from experiments.benchmarks import (backward_scale, common, mdeq_cost, memory, ops, scaling, solver_overhead,
+                                   vs_jax_peers, vs_pytorch)
 
 
 def check_table(result: common.Result, columns: int) -> None:
@@ -36,6 +36,17 @@ def test_ops():
     assert {r["op"] for r in result.rows} == {"GroupNorm forward", "GroupNorm VJP", "conv 64->48 input VJP",
                                               "ResNetCell(48,64) forward", "ResNetCell(48,64) VJP"}
     assert all(positive(r["ms"]) and positive(r["vs_first"]) for r in result.rows)
+
+
+def test_mdeq_cost():
+    result = mdeq_cost.run(quick=True)
+    check_table(result, columns=6)
+    assert [r["cell"] for r in result.rows] == ["chapter", "MDEQ-tiny"]
+    for r in result.rows:
+        assert positive(r["f_ms"]) and positive(r["vjp_ms"])
+        # XLA counts the compiled f (norms too) without the taps on zero padding (1 - 2/24 per side at 8x8
+        # for 3x3 convs): the hand count of the convolutions must agree with it to that.
+        assert 0.75 < r["xla_mflops"] / r["paper_mflops"] < 1.1, r
 
 
 def test_backward_scale():

@@ -1,4 +1,5 @@
-"""CIFAR-10 experiment: a mocked run, a real-data smoke run (float32 and bfloat16), exact resume, time budget, bad input.
+"""CIFAR-10 experiment: mocked runs (chapter, toolkit, MDEQ with warm-up), real-data smoke runs (float32 and
+bfloat16, MDEQ-tiny), exact resume, time budget, bad input.
 
 Runs are tiny (batches of 10, solves capped at 4 steps) so the file takes a few minutes
 on two busy CPU cores.
@@ -29,6 +30,15 @@ PER_EPOCH_FIELDS = (
 # Every training aid at once: the chapter's recipe is the other parametrisation.
 TOOLKIT = dict(solver="broyden", gradient="phantom", phantom_steps=2, phantom_damping=0.8, jac_reg=0.5,
                jac_reg_freq=0.5, weight_norm=True)
+# The MDEQ-tiny recipe (Broyden, dropout, weight norm, weight decay) with a warm-up of 4 steps: epoch 1
+# (3 steps) is all unrolled, epoch 2 switches to the equilibrium after one step. Depth 2, not the
+# recipe's 10: the unrolled step's program is the suite's largest to compile.
+MDEQ = dict(model="mdeq-tiny", warmup_steps=4, warmup_depth=2)
+
+
+def mocked_config(settings: dict) -> Config:
+    """A mocked run's settings: 2 epochs of 3 steps, 25 test examples, ``settings`` over the model's recipe."""
+    return Config.for_model(**{"model": "chapter", "epochs": 2, "eval_limit": 25, **TINY, **settings})
 
 
 class _CompileLog(logging.Handler):
@@ -48,11 +58,11 @@ def _history(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", params=[{}, TOOLKIT], ids=["chapter", "toolkit"])
+@pytest.fixture(scope="module", params=[{}, TOOLKIT, MDEQ], ids=["chapter", "toolkit", "mdeq"])
 def mocked_run(mock_cifar10, tmp_path_factory, request):
     """Two short epochs on mocked data; returns (workdir, config, summary, compiled jit names)."""
     workdir = tmp_path_factory.mktemp("mocked")
-    config = Config(epochs=2, eval_limit=25, **TINY, **request.param)
+    config = mocked_config(request.param)
     log, jax_logger = _CompileLog(), logging.getLogger("jax")
     jax_logger.addHandler(log)
     try:
@@ -65,9 +75,11 @@ def mocked_run(mock_cifar10, tmp_path_factory, request):
 
 def test_mocked_run_writes_metrics_summary_plots_and_compiles_once(mocked_run):
     workdir, config, summary, compiled = mocked_run
-    # With 0 < --jac-reg-freq < 1: one train step with the penalty and one without, chosen on the host.
-    two_programs = config.jac_reg > 0 and config.jac_reg_freq < 1
-    for name, count in (("train_step", 1 + two_programs), ("eval_step", 1), ("radius_step", 1)):
+    # With 0 < --jac-reg-freq < 1: one train step with the penalty and one without; with a warm-up
+    # ending inside the run, an unrolled and an equilibrium one of each; all chosen on the host.
+    penalties = 1 + (config.jac_reg > 0 and config.jac_reg_freq < 1)
+    modes = 1 + (config.warmup_steps > 0)
+    for name, count in (("train_step", penalties * modes), ("eval_step", modes), ("radius_step", 1)):
         assert compiled.count(f"jit({name})") == count, compiled
     history = _history(workdir)
     assert [m["epoch"] for m in history] == [1, 2]
@@ -77,6 +89,10 @@ def test_mocked_run_writes_metrics_summary_plots_and_compiles_once(mocked_run):
         assert implicit == ("bwd_steps_mean" in m) and (config.jac_reg > 0) == ("jac_penalty" in m)
         assert m["test_exact_accuracy"] is None  # mocked ids are not test_NNNNN
         assert all(np.isfinite(v) for k, v in m.items() if v is not None), m  # jac_penalty: None if never drawn
+        all_unrolled = m["epoch"] * 3 <= config.warmup_steps  # 3 steps per epoch: no solve, no solver stats
+        assert all_unrolled == all(v is None for k, v in m.items() if k.startswith(("fwd_", "bwd_"))), m
+        if all_unrolled:
+            continue
         assert 1 <= m["fwd_steps_mean"] <= m["fwd_steps_max"] <= 4 and 1 <= m.get("bwd_steps_mean", 1) <= 4
         assert 0 < m["fwd_residual_mean"] <= m["fwd_residual_max"]
         assert 0 < m["test_spectral_radius_mean"] <= m["test_spectral_radius_max"]
@@ -84,8 +100,9 @@ def test_mocked_run_writes_metrics_summary_plots_and_compiles_once(mocked_run):
     if config.jac_reg:
         assert any(m["jac_penalty"] is not None for m in history), "jac_reg_freq 0.5 drew no step in 6"
     assert json.loads((workdir / "summary.json").read_text()) == summary
-    # Weight norm adds one scale per output channel of each convolution: 64 + 48.
-    assert summary["param_count"] == train.CHAPTER_PARAM_COUNT + 112 * config.weight_norm
+    # On the chapter's cell, weight norm adds one scale per output channel of each convolution: 64 + 48.
+    extra = 112 * config.weight_norm if config.model == "chapter" else 0
+    assert summary["param_count"] == train.REFERENCE_PARAM_COUNTS[config.model][1] + extra
     assert summary["exact_test_accuracy"] is None and 0 <= summary["test_accuracy"] <= 1
     assert (summary["epochs"], summary["train_examples"], summary["test_examples"]) == (2, 30, 25)
     assert summary["wall_s"] > 0 and summary["images_per_s"] > 0 and "cpu" in summary["device"]
@@ -156,6 +173,19 @@ def test_real_data_loss_goes_down(tmp_path, dtype):
     assert summary["exact_test_examples"] > 0 and 0 <= summary["exact_test_accuracy"] <= 1
 
 
+def test_real_data_mdeq_loss_goes_down(tmp_path):
+    if not (REAL_DATA / "cifar10").is_dir():
+        pytest.skip(f"no prepared CIFAR-10 at {REAL_DATA}")
+    # The mocked MDEQ run's settings on 30 real images: the same programs, which the compilation cache
+    # holds once the mocked run compiled them. Epoch 1 unrolled, epoch 2 mostly on the equilibrium.
+    config = dataclasses.replace(mocked_config(MDEQ), data_dir=str(REAL_DATA), train_limit=MOCK_EXAMPLES)
+    summary = train.train_and_evaluate(config, tmp_path)
+    history = _history(tmp_path)
+    assert history[1]["train_loss"] < history[0]["train_loss"], history
+    assert history[0]["fwd_steps_mean"] is None and history[1]["fwd_steps_mean"] >= 1
+    assert summary["exact_test_examples"] > 0 and 0 <= summary["exact_test_accuracy"] <= 1
+
+
 def test_a_batch_that_does_not_split_over_the_devices_is_a_clear_error():
     # Several devices (and processes) are tested in tests/test_multiprocess.py; here a stand-in mesh.
     mesh = SimpleNamespace(size=4, devices=np.array([SimpleNamespace(device_kind="cpu")]))
@@ -185,6 +215,12 @@ def test_a_batch_that_does_not_split_over_the_devices_is_a_clear_error():
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--time-budget", "0"], "--time-budget must be a number of seconds > 0"),
     (["--dtype", "float16"], "invalid choice: 'float16'"),
+    (["--model", "mdeq-huge"], "invalid choice: 'mdeq-huge'"),
+    (["--dropout", "0.1"], "--dropout must be 0 with --model chapter (its cell has no dropout), got 0.1"),
+    (["--model", "mdeq-tiny", "--dropout", "1"], "--dropout must be a number in [0, 1), got 1.0"),
+    (["--weight-decay", "-0.001"], "--weight-decay must be a finite number >= 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be an int >= 0, got -1"),
+    (["--model", "mdeq-tiny", "--warmup-depth", "0"], "--warmup-depth must be an int >= 1, got 0"),
 ])
 def test_bad_flags_exit_before_anything_runs(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -221,11 +257,34 @@ def test_the_penalty_draw_is_a_function_of_seed_and_step():
     assert not any(steps.penalty_applies(Config(), s) for s in range(10))
 
 
-def test_the_penalty_key_is_not_a_key_nnx_draws_weights_from():
-    # nnx.Rngs(seed) draws its n-th key as fold_in(key(seed), n); the penalty's must differ.
-    nnx_keys = {tuple(np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(0), n)))) for n in range(200)}
-    penalty_keys = {tuple(np.asarray(jax.random.key_data(steps.penalty_key(0, n)))) for n in range(200)}
-    assert len(penalty_keys) == 200 and not nnx_keys & penalty_keys
+def test_the_step_keys_are_not_keys_nnx_draws_weights_from():
+    # nnx.Rngs(seed) draws its n-th key as fold_in(key(seed), n); the penalty's and dropout's must differ.
+    def keys(key_of):
+        return {tuple(np.asarray(jax.random.key_data(key_of(n)))) for n in range(200)}
+
+    nnx_keys = keys(lambda n: jax.random.fold_in(jax.random.key(0), n))
+    penalty_keys = keys(lambda n: steps.stream_key(0, steps.PENALTY_STREAM, n))
+    dropout_keys = keys(lambda n: steps.stream_key(0, steps.DROPOUT_STREAM, n))
+    assert len(penalty_keys) == len(dropout_keys) == 200
+    assert not nnx_keys & penalty_keys and not nnx_keys & dropout_keys and not penalty_keys & dropout_keys
+
+
+def test_a_model_flag_starts_from_its_recipe_and_given_flags_override_it(tmp_path):
+    def config_of(*flags):
+        return main.parse_args(["--workdir", str(tmp_path), *flags])[0]
+
+    assert config_of() == Config()  # the chapter: the field defaults
+    assert config_of("--weight-norm").weight_norm and not config_of("--weight-norm", "--no-weight-norm").weight_norm
+    tiny = config_of("--model", "mdeq-tiny")
+    assert tiny == Config.for_model("mdeq-tiny")
+    assert (tiny.solver, tiny.f_max_iter, tiny.b_max_iter, tiny.batch_size, tiny.dropout, tiny.warmup_steps,
+            tiny.weight_decay, tiny.weight_norm) == ("broyden", 18, 20, 128, 0.25, 3000, 2.5e-6, True)
+    # A flag given with the chapter's default value (batch 100) still overrides the recipe's 128.
+    given = config_of("--model", "mdeq-large", "--batch-size", "100", "--no-weight-norm", "--dropout", "0")
+    assert (given.batch_size, given.weight_norm, given.dropout, given.epochs, given.augment) == (100, False, 0, 220, True)
+    line = given.model_defaults_line()
+    assert "batch_size=100 (recipe: 128)" in line and "solver='broyden'," in line and "epochs=220," in line
+    assert Config().model_defaults_line() is None
 
 
 def test_errors_that_are_not_the_users_keep_their_traceback(monkeypatch, tmp_path):

@@ -43,6 +43,9 @@ def test_dry_run_writes_every_part_without_tfds(tmp_path, write_cifar_parts):
     assert " passed" in tests_log and "1 skipped" in tests_log, tests_log[-2000:]  # test_input_pipeline: no TFDS
     markdown = (out / "report.md").read_text()
     assert "## recipe: ok" in markdown and "projected time of all 1 epochs" in markdown and "| 1 |" in markdown
+    # MDEQ's one epoch: a step unrolled, then one on the equilibrium; the warm-up's cost was not measured alone.
+    assert (out / "cifar10_mdeq" / "summary.json").is_file()
+    assert "## recipe_mdeq: ok" in markdown and "the run needs 0.5 unrolled epochs and measured none" in markdown
 
 
 def test_a_part_past_its_share_is_cut_off_and_reported(tmp_path):

@@ -41,7 +41,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import deq_jax as dj
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 

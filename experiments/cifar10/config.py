@@ -2,12 +2,16 @@
 
 Each field carries its help text (and, where needed, its type, choices and metavar) in
 its metadata; :func:`add_flags` turns the fields into ``argparse`` flags, so a setting is
-written once.
+written once. The field defaults are the chapter's; ``--model mdeq-tiny`` and
+``--model mdeq-large`` start from the official recipes instead (:data:`MODEL_DEFAULTS`),
+and every flag given on the command line overrides them.
 
 Example:
   >>> config = Config(epochs=2, gradient="phantom")
   >>> config.solver_and_gradient()[1]
   Phantom(steps=1, damping=1.0)
+  >>> Config.for_model("mdeq-tiny", epochs=3).batch_size
+  128
 """
 from __future__ import annotations
 
@@ -24,12 +28,27 @@ from .errors import BadInputError
 
 ANDERSON_M = 5
 END_LR = 1e-6  # the chapter's CosineAnnealingLR(eta_min=1e-6)
+MODELS = ("chapter", "mdeq-tiny", "mdeq-large")
 SOLVERS = ("anderson", "forward", "broyden")
 GRADIENTS = ("implicit", "phantom")
 # Computation dtypes: parameters, solver state and the loss stay float32 (see CifarDEQ).
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 # Fields that may change between a run and its resumption without changing the result.
 RESUMABLE_FIELDS = ("data_dir", "resume", "time_budget")
+
+# The official MDEQ recipes (locuslab/deq, MDEQ-Vision/experiments/cifar/cls_mdeq_{TINY,LARGE}.yaml and
+# the defaults of MDEQ-Vision/lib/config/default.py) as this experiment's flags: DEQ.F_SOLVER/B_SOLVER ->
+# solver, F_THRES/B_THRES -> f/b_max_iter, STOP_MODE 'rel' at lib/solvers.py broyden's eps 1e-3 -> f/b_tol,
+# TRAIN.BATCH_SIZE_PER_GPU x GPUS (64 x 2, 32 x 4) -> batch_size, END_EPOCH -> epochs, LR (Adam, cosine to
+# 1e-6 over all steps) -> lr, WD -> weight_decay, MODEL.DROPOUT -> dropout, WNORM -> weight_norm,
+# PRETRAIN_STEPS -> warmup_steps, NUM_LAYERS -> warmup_depth, DATASET.AUGMENT (LARGE: default.py's True).
+_MDEQ_RECIPE = dict(solver="broyden", f_max_iter=18, b_max_iter=20, f_tol=1e-3, b_tol=1e-3, batch_size=128, lr=1e-3,
+                    weight_norm=True, warmup_depth=10)
+MODEL_DEFAULTS = {
+    "chapter": {},
+    "mdeq-tiny": dict(_MDEQ_RECIPE, epochs=50, weight_decay=2.5e-6, dropout=0.25, warmup_steps=3000, augment=False),
+    "mdeq-large": dict(_MDEQ_RECIPE, epochs=220, weight_decay=0.0, dropout=0.3, warmup_steps=20000, augment=True),
+}
 
 
 def option(default, help: str, *, type=None, choices=None, metavar=None):  # noqa: A002 - argparse's names
@@ -46,6 +65,9 @@ class Config:
     experiments.cifar10 --help`` prints them all.
     """
 
+    model: str = option("chapter", "the chapter's single-stream DEQ, or the official MDEQ CIFAR-10 "
+                        "configurations, whose recipe replaces the chapter's defaults below (printed at start; "
+                        "flags given override them) (%(default)s)", choices=MODELS)
     data_dir: str | None = option(None, "TFDS data dir holding cifar10 (default: TFDS's own), or a folder of the "
                                   "<split>-NNNNN-of-NNNNN.npz parts written by experiments.cifar10.export_npz",
                                   type=str)
@@ -72,6 +94,14 @@ class Config:
     jac_reg_freq: float = option(1.0, "fraction of training steps that add the Jacobian penalty, drawn per step "
                                  "from (seed, step) (%(default)s)", metavar="P")
     weight_norm: bool = option(False, "weight-normalise the DEQ cell's convolutions")
+    weight_decay: float = option(0.0, "L2 weight decay added to the gradient before Adam, as "
+                                 "torch.optim.Adam(weight_decay=...) (%(default)s)", metavar="WD")
+    dropout: float = option(0.0, "MDEQ models: the cell's variational dropout rate, one mask per example and "
+                            "pass (%(default)s; the chapter's cell has none)", metavar="P")
+    warmup_steps: int = option(0, "train the first N optimizer steps (and evaluate until then) on the unrolled "
+                               "weight-tied network, then on the equilibrium (%(default)s)", metavar="N")
+    warmup_depth: int = option(10, "cell applications of the unrolled network during the warm-up (%(default)s)",
+                               metavar="D")
     dtype: str = option("float32", "computation dtype; parameters, solver state and loss stay float32 "
                         "(%(default)s)", choices=tuple(DTYPES))
     time_budget: float | None = option(None, "stop cleanly before an epoch that would end after S seconds of this "
@@ -89,20 +119,46 @@ class Config:
         def is_number(value):
             return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
 
-        for name in ("epochs", "batch_size", "f_max_iter", "b_max_iter", "phantom_steps"):
+        for name in ("epochs", "batch_size", "f_max_iter", "b_max_iter", "phantom_steps", "warmup_depth"):
             check(name, lambda v: is_int(v) and v >= 1, "an int >= 1")
         for name in ("train_limit", "eval_limit"):
             check(name, lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 (or unset: the whole split)")
         for name in ("lr", "f_tol", "b_tol"):
             check(name, lambda v: is_number(v) and v > 0, "a finite number > 0")
-        check("seed", lambda v: is_int(v) and v >= 0, "an int >= 0")
+        for name in ("seed", "warmup_steps"):
+            check(name, lambda v: is_int(v) and v >= 0, "an int >= 0")
         for field in dataclasses.fields(self):
             if field.metadata["choices"] is not None:
                 check(field.name, lambda v, c=field.metadata["choices"]: v in c, f"one of {field.metadata['choices']}")
         check("phantom_damping", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
-        check("jac_reg", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
+        for name in ("jac_reg", "weight_decay"):
+            check(name, lambda v: is_number(v) and v >= 0, "a finite number >= 0")
+        check("dropout", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        if self.model == "chapter":
+            check("dropout", lambda v: v == 0, "0 with --model chapter (its cell has no dropout)")
         check("jac_reg_freq", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
         check("time_budget", lambda v: v is None or is_number(v) and v > 0, "a number of seconds > 0")
+
+    @classmethod
+    def for_model(cls, model: str, **settings) -> Config:
+        """The settings of ``model``: its :data:`MODEL_DEFAULTS`, then ``settings`` over them.
+
+        Raises:
+          BadInputError: an unknown model, or a bad setting.
+        """
+        if model not in MODEL_DEFAULTS:
+            raise BadInputError(f"--model must be one of {MODELS}, got {model!r}")
+        return cls(model=model, **{**MODEL_DEFAULTS[model], **settings})
+
+    def model_defaults_line(self) -> str | None:
+        """The model's recipe as this run uses it, e.g. ``"solver=broyden, batch_size=64 (recipe: 128), ..."``;
+        None for the chapter, whose recipe is the field defaults."""
+        recipe = MODEL_DEFAULTS[self.model]
+        if not recipe:
+            return None
+        return ", ".join(f"{name}={getattr(self, name)!r}" + ("" if getattr(self, name) == value
+                                                             else f" (recipe: {value!r})")
+                         for name, value in recipe.items())
 
     def solver_and_gradient(self):
         """Returns the DEQ's forward solver and gradient strategy these settings describe."""
@@ -123,18 +179,30 @@ class Config:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Adds one flag per :class:`Config` field: ``--field-name``, typed by its default (or metadata)."""
+    """Adds one flag per :class:`Config` field: ``--field-name``, typed by its default (or metadata);
+    ``--name``/``--no-name`` for a bool.
+
+    A flag not given is absent from the parsed namespace (``argparse.SUPPRESS``), so that
+    :func:`from_flags` can tell it from one given with the chapter's value; the help
+    shows the field's (the chapter's) default.
+    """
     for field in dataclasses.fields(Config):
         meta = field.metadata
         flag = "--" + field.name.replace("_", "-")
-        if field.default is False:
-            parser.add_argument(flag, action="store_true", help=meta["help"])
+        help_text = meta["help"].replace("%(default)s", str(field.default))
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {field.default})")
             continue
-        parser.add_argument(flag, type=meta["type"] or type(field.default), default=field.default,
-                            choices=meta["choices"], metavar=meta["metavar"], help=meta["help"])
+        parser.add_argument(flag, type=meta["type"] or type(field.default), default=argparse.SUPPRESS,
+                            choices=meta["choices"], metavar=meta["metavar"], help=help_text)
 
 
 def from_flags(flags: dict) -> Config:
-    """The :class:`Config` of parsed flags (``vars(namespace)``), ignoring keys that are not fields."""
+    """The :class:`Config` of parsed flags (``vars(namespace)``): the model's defaults, then the flags given.
+
+    Keys that are not fields are ignored.
+    """
     names = {field.name for field in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in flags.items() if k in names})
+    settings = {k: v for k, v in flags.items() if k in names}
+    return Config.for_model(settings.pop("model", "chapter"), **settings)

@@ -23,7 +23,9 @@ def summarize(total: dict, prefix: str) -> dict[str, float]:
 
     Returns:
       Plain floats; ``{prefix}exact_accuracy`` is None when no exact examples were seen,
-      ``jac_penalty`` (the mean over the steps that added it) None when no step did.
+      ``jac_penalty`` (the mean over the steps that added it) None when no step did,
+      solver stats (means over the batches that solved, ``deq_batches``; the warm-up's
+      unrolled batches have none) None when none did.
     """
     out = {f"{prefix}loss": total["loss"] / total["count"], f"{prefix}accuracy": total["correct"] / total["count"]}
     if "exact_count" in total:
@@ -34,13 +36,16 @@ def summarize(total: dict, prefix: str) -> dict[str, float]:
         out["jac_penalty"] = total["jac_penalty"] / total["jac_steps"] if total["jac_steps"] else None
     for key, value in sorted(total.items(), key=lambda item: item[0].startswith("bwd_")):  # fwd first
         if key.startswith(("fwd_", "bwd_")):
-            out[key] = value if key.endswith("_max") else value / total["batches"]
+            solved = total["deq_batches"]
+            out[key] = None if not solved else value if key.endswith("_max") else value / solved
     return {k: None if v is None else float(v) for k, v in out.items()}
 
 
 def epoch_line(m: dict) -> str:
     """One epoch's record as the log line the run prints."""
     def solve(prefix):
+        if m[f"{prefix}_steps_mean"] is None:
+            return f"{prefix} unrolled | "
         return (f"{prefix} steps {m[f'{prefix}_steps_mean']:.1f} res {m[f'{prefix}_residual_mean']:.4f} "
                 f"(max {m[f'{prefix}_residual_max']:.4f}) | ")
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a training machine
@@ -20,6 +22,8 @@ def plot_history(history: list[dict], workdir: str | Path, *, f_tol: float, b_to
       f_tol, b_tol: forward and backward tolerances, drawn as reference lines.
     """
     workdir = Path(workdir)
+    # Solver stats are None for epochs spent in the warm-up (no solve): gaps in the lines.
+    history = [{k: float("nan") if v is None else v for k, v in m.items()} for m in history]
     epochs = [m["epoch"] for m in history]
     marker = "o" if len(epochs) < 20 else None  # a single epoch still shows up
 
@@ -28,7 +32,7 @@ def plot_history(history: list[dict], workdir: str | Path, *, f_tol: float, b_to
         loss_ax.plot(epochs, [m[f"{split}_loss"] for m in history], marker=marker, label=split)
         acc_ax.plot(epochs, [m[f"{split}_accuracy"] for m in history], marker=marker, label=split)
     exact = [m["test_exact_accuracy"] for m in history]
-    if None not in exact:
+    if not all(np.isnan(exact)):
         acc_ax.plot(epochs, exact, marker=marker, linestyle="--", label="test, bit-exact images")
     loss_ax.set(xlabel="epoch", ylabel="mean cross-entropy", title="loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")

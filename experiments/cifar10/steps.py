@@ -25,12 +25,13 @@ import deq_jax as dj
 
 from . import input_pipeline as ip
 from .config import DTYPES, END_LR, Config
-from .model import CifarDEQ
+from .model import CifarDEQ, CifarMDEQ
 
 RADIUS_ITERS = 50  # power iterations (VJPs) per spectral radius
-# The Jacobian penalty's random streams: its own branch of the seed's key, never one NNX
-# draws weights from (nnx.Rngs(seed) folds the draw count into key(seed) itself).
-PENALTY_STREAM = 1
+# Random streams of a step, each its own branch of the seed's key, never one NNX draws
+# weights from (nnx.Rngs(seed) folds the draw count into key(seed) itself).
+PENALTY_STREAM = 1  # the Jacobian penalty's Hutchinson vectors
+DROPOUT_STREAM = 2  # the MDEQ cell's dropout masks
 
 
 class ModelDef(NamedTuple):
@@ -46,7 +47,7 @@ class ModelDef(NamedTuple):
     probe: nnx.State
     rest: nnx.State
 
-    def merge(self, params, batch_stats, probe=None) -> CifarDEQ:
+    def merge(self, params, batch_stats, probe=None) -> CifarDEQ | CifarMDEQ:
         """Rebuilds the model from explicit states (``probe`` replaces the zeros if given)."""
         # copy=True: the states can hold Variables created at an outer trace level (jit),
         # which NNX refuses to update inside grad; fresh copies belong to the current one.
@@ -54,7 +55,7 @@ class ModelDef(NamedTuple):
         return nnx.merge(self.graphdef, params, batch_stats, probe, self.rest, copy=True)
 
 
-def split_model(model: CifarDEQ) -> tuple[ModelDef, nnx.State, nnx.State]:
+def split_model(model: CifarDEQ | CifarMDEQ) -> tuple[ModelDef, nnx.State, nnx.State]:
     """``(model_def, params, batch_stats)`` of a model."""
     graphdef, params, batch_stats, probe, rest = nnx.split(
         model, nnx.Param, nnx.BatchStat, dj.nn.BackwardStatsProbe, ...)
@@ -64,15 +65,35 @@ def split_model(model: CifarDEQ) -> tuple[ModelDef, nnx.State, nnx.State]:
 def make_optimizer(config: Config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Adam (PyTorch's defaults) on a cosine schedule, as ``CosineAnnealingLR(T_max=total_steps, eta_min=END_LR)``.
 
+    With ``config.weight_decay > 0``, ``weight_decay * params`` is added to the gradient
+    before Adam, as ``torch.optim.Adam(weight_decay=...)`` does (an L2 term, not AdamW's
+    decoupled decay), on every parameter.
+
     Args:
-      config: the initial learning rate.
+      config: the initial learning rate and the weight decay.
       total_steps: optimizer steps of the whole run.
 
     Returns:
       ``(optimizer, schedule)``.
     """
     schedule = optax.cosine_decay_schedule(config.lr, total_steps, alpha=END_LR / config.lr)
-    return optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8), schedule
+    adam = optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8)
+    if config.weight_decay > 0:
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), adam), schedule
+    return adam, schedule
+
+
+def build_model(config: Config) -> CifarDEQ | CifarMDEQ:
+    """The model ``config.model`` names, with the config's solvers, gradient, dtype and cell options.
+
+    Weights come from ``nnx.Rngs(config.seed)``; the MDEQ's dropout stream is reseeded
+    every training step (:func:`stream_key`), so its initial key does not matter.
+    """
+    solver, gradient = config.solver_and_gradient()
+    options = dict(solver=solver, gradient=gradient, weight_norm=config.weight_norm, dtype=DTYPES[config.dtype])
+    if config.model == "chapter":
+        return CifarDEQ(rngs=nnx.Rngs(config.seed), **options)
+    return CifarMDEQ(config.model, dropout=config.dropout, rngs=nnx.Rngs(config.seed, dropout=0), **options)
 
 
 def init_state(config: Config, total_steps: int):
@@ -86,19 +107,29 @@ def init_state(config: Config, total_steps: int):
       ``(model_def, state, tx, schedule)``; state is ``{"params", "opt_state", "batch_stats",
       "step"}`` (optimizer steps taken) on the default device.
     """
-    solver, gradient = config.solver_and_gradient()
-    model = CifarDEQ(solver=solver, gradient=gradient, weight_norm=config.weight_norm, dtype=DTYPES[config.dtype],
-                     rngs=nnx.Rngs(config.seed))
-    model_def, params, batch_stats = split_model(model)
+    model_def, params, batch_stats = split_model(build_model(config))
     tx, schedule = make_optimizer(config, total_steps)
     state = {"params": params, "opt_state": tx.init(params), "batch_stats": batch_stats,
              "step": jnp.zeros((), jnp.int32)}
     return model_def, state, tx, schedule
 
 
-def penalty_key(seed: int, step) -> jax.Array:
-    """The Hutchinson vectors' key of optimizer step ``step`` (a traced int is fine)."""
-    return jax.random.fold_in(jax.random.split(jax.random.key(seed))[PENALTY_STREAM], step)
+def stream_key(seed: int, stream: int, step) -> jax.Array:
+    """The key of random ``stream`` (e.g. :data:`PENALTY_STREAM`) at optimizer step ``step`` (a traced int is fine).
+
+    The seed's key split in ``stream + 1``, the last of them, folded with the step: every
+    process, and a resumed run, draws the same.
+    """
+    return jax.random.fold_in(jax.random.split(jax.random.key(seed), stream + 1)[stream], step)
+
+
+def in_warmup(config: Config, step: int) -> bool:
+    """Whether optimizer step ``step`` (0-based; also: steps taken, for an evaluation) uses the unrolled network.
+
+    As the official MDEQ code: training step ``step`` and an evaluation after ``step``
+    steps are unrolled while ``step < config.warmup_steps``, on the equilibrium after.
+    """
+    return step < config.warmup_steps
 
 
 def penalty_applies(config: Config, step: int) -> bool:
@@ -116,12 +147,15 @@ def penalty_applies(config: Config, step: int) -> bool:
     return bool(np.random.default_rng([config.seed, PENALTY_STREAM, step]).random() < config.jac_reg_freq)
 
 
-def _solve_metrics(prefix: str, stats: dj.SolveStats) -> dict[str, jax.Array]:
+def _solve_metrics(prefix: str, stats: dj.SolveStats | None) -> dict[str, jax.Array]:
     """One batch's solver stats; keys ending in '_max' are maxima, the others batch means.
 
     ``{prefix}_batch_steps`` is the batch's longest solve: the batch runs until its slowest
-    example stops, so this is how many times the batched f (or VJP) ran.
+    example stops, so this is how many times the batched f (or VJP) ran. ``stats`` None (a
+    warm-up step, no solve): zeros, which ``deq_batches`` leaves out of the means.
     """
+    if stats is None:
+        stats = dj.SolveStats(*(jnp.zeros((), jnp.float32) for _ in dj.SolveStats._fields))
     return {
         f"{prefix}_steps_mean": stats.mean_steps, f"{prefix}_steps_max": stats.max_steps,
         f"{prefix}_batch_steps": stats.max_steps,
@@ -131,8 +165,10 @@ def _solve_metrics(prefix: str, stats: dj.SolveStats) -> dict[str, jax.Array]:
 
 
 def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: ModelDef, tx,
-               config: Config, penalty: bool | None = None) -> tuple[dict, dict]:
+               config: Config, penalty: bool | None = None, warmup: bool = False) -> tuple[dict, dict]:
     """One optimizer step: forward solve, mean cross-entropy (+ Jacobian penalty), backward, Adam.
+
+    The cell's dropout masks (MDEQ) come from :func:`stream_key` of the seed and the step.
 
     Args:
       state: ``{"params", "opt_state", "batch_stats", "step"}``.
@@ -143,26 +179,35 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
       config: the gradient strategy and Jacobian regularisation settings (and the seed).
       penalty: add ``config.jac_reg`` times the Jacobian penalty (static: compile one step
         with and one without, see :func:`penalty_applies`); None: whenever ``jac_reg > 0``.
+      warmup: train the unrolled network of ``config.warmup_depth`` cell applications by
+        plain backprop instead of the equilibrium (static, see :func:`in_warmup`); the
+        Jacobian penalty is then taken at its output.
 
     Returns:
       ``(new_state, metrics)``; metrics holds this batch's summed loss, correct count,
-      example count, the forward (and, for implicit gradients, backward) solver stats
-      and, with ``jac_reg > 0``, the Jacobian penalty and whether it was added
-      (``jac_penalty``, ``jac_steps``; see :func:`metrics.summarize`).
+      example count, ``deq_batches`` (0 in the warm-up, else 1), the forward (and, for
+      implicit gradients, backward) solver stats (zeros in the warm-up) and, with
+      ``jac_reg > 0``, the Jacobian penalty and whether it was added (``jac_penalty``,
+      ``jac_steps``; see :func:`metrics.summarize`).
     """
     penalty = config.jac_reg > 0 if penalty is None else penalty
 
     def loss_fn(params, probe, batch_stats):
         model = model_def.merge(params, batch_stats, probe)
+        nnx.reseed(model, dropout=stream_key(config.seed, DROPOUT_STREAM, state["step"]))
         x = model.inject(ip.normalize(images), train=True)
-        solution = model.deq.solve(x)
-        logits = model.classify(solution.value, train=True)
+        if warmup:
+            z, stats = model.deq.unrolled(x, config.warmup_depth), None
+        else:
+            solution = model.deq.solve(x)
+            z, stats = solution.value, solution.stats()
+        logits = model.classify(z, train=True)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         jac = jnp.zeros((), jnp.float32)
         if penalty:
-            z = jax.lax.stop_gradient(solution.value)
-            jac = model.deq.jacobian_penalty(x, z, penalty_key(config.seed, state["step"])).mean()
-        aux = (loss, logits, nnx.state(model, nnx.BatchStat), solution.stats(), jac)
+            key = stream_key(config.seed, PENALTY_STREAM, state["step"])
+            jac = model.deq.jacobian_penalty(x, jax.lax.stop_gradient(z), key).mean()
+        aux = (loss, logits, nnx.state(model, nnx.BatchStat), stats, jac)
         return loss + config.jac_reg * jac, aux
 
     grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -177,19 +222,20 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
         "loss": loss * count,
         "correct": (logits.argmax(-1) == labels).sum().astype(jnp.float32),
         "count": count,
-        "batches": jnp.ones((), jnp.float32),
+        "deq_batches": jnp.asarray(0.0 if warmup else 1.0, jnp.float32),
         **_solve_metrics("fwd", forward),
     }
     if config.gradient == "implicit":
         # The probe's gradient is the backward solve's stats, not a direction for optax.
         _, backward = dj.nn.split_backward_stats(probe_grads)
-        metrics.update(_solve_metrics("bwd", backward["deq"]))
+        metrics.update(_solve_metrics("bwd", None if warmup else backward["deq"]))
     if config.jac_reg > 0:
         metrics.update(jac_penalty=jac, jac_steps=jnp.asarray(float(penalty), jnp.float32))
     return new_state, metrics
 
 
-def eval_step(state: dict, images, labels, mask, exact, *, model_def: ModelDef) -> dict:
+def eval_step(state: dict, images, labels, mask, exact, *, model_def: ModelDef, config: Config,
+              warmup: bool = False) -> dict:
     """Loss and accuracy of a padded batch with BatchNorm's running statistics.
 
     Args:
@@ -198,11 +244,17 @@ def eval_step(state: dict, images, labels, mask, exact, *, model_def: ModelDef) 
       labels: int32 [B].
       mask: bool [B], False for padding.
       exact: bool [B], True for real examples among the bit-exact test images.
+      model_def: from :func:`init_state`.
+      config: the warm-up depth.
+      warmup: evaluate the unrolled network (static; during the warm-up, as the official MDEQ code).
 
     Returns:
       Sums over the real examples: ``loss``, ``correct``, ``count``, ``exact_correct``, ``exact_count``.
     """
-    logits = model_def.merge(state["params"], state["batch_stats"])(ip.normalize(images), train=False)
+    model = model_def.merge(state["params"], state["batch_stats"])
+    x = model.inject(ip.normalize(images), train=False)
+    z = model.deq.unrolled(x, config.warmup_depth) if warmup else model.deq(x)
+    logits = model.classify(z, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = logits.argmax(-1) == labels
     return {

@@ -1,4 +1,4 @@
-"""The training loop of the chapter's CIFAR-10 DEQ: compiled once, data parallel, resumable.
+"""The training loop of the CIFAR-10 DEQs (the chapter's, MDEQ): compiled once, data parallel, resumable.
 
 The model is split once into a static graph and explicit states (parameters, BatchNorm
 statistics); the steps of :mod:`steps` are pure functions of those states, compiled
@@ -35,9 +35,13 @@ from .config import Config
 from .errors import BadInputError
 from .metrics import accumulate, epoch_line, summarize
 from .model import param_count
-from .steps import ModelDef, eval_step, init_state, penalty_applies, radius_step, train_step
+from .steps import ModelDef, eval_step, in_warmup, init_state, penalty_applies, radius_step, train_step
 
-CHAPTER_PARAM_COUNT = 64_842  # `sum(a.numel() for a in model.parameters())` in the chapter
+# `sum(a.numel() for a in model.parameters())` of the chapter's model and of the official MDEQClsNet
+# for each yaml (tests/test_mdeq.py builds the official model to check the MDEQ counts).
+REFERENCE_PARAM_COUNTS = {"chapter": ("the chapter's PyTorch model", 64_842),
+                          "mdeq-tiny": ("the official MDEQ, cls_mdeq_TINY.yaml", 158_890),
+                          "mdeq-large": ("the official MDEQ, cls_mdeq_LARGE.yaml", 11_097_438)}
 PROGRESS_EVERY = 10  # steps between progress-bar updates, the training loop's only host syncs
 RADIUS_BATCHES = 1  # test batches whose fixed points get a spectral radius each epoch
 
@@ -45,8 +49,8 @@ RADIUS_BATCHES = 1  # test batches whose fixed points get a spectral radius each
 class Steps(NamedTuple):
     """The compiled steps and the shardings their inputs need."""
 
-    train: dict[bool, Any]  # with the Jacobian penalty or not -> (state, images, labels) -> (state, metrics)
-    eval: Any  # (state, images, labels, mask, exact) -> metrics
+    train: dict[tuple[bool, bool], Any]  # (warm-up, penalty) -> (state, images, labels) -> (state, metrics)
+    eval: dict[bool, Any]  # warm-up -> (state, images, labels, mask, exact) -> metrics
     radius: Any  # (state, images, mask) -> spectral radius sums
     replicated: NamedSharding
     data: NamedSharding
@@ -54,8 +58,12 @@ class Steps(NamedTuple):
     rows: slice  # the rows of each global batch this process feeds
 
     def train_for(self, config: Config, step: int):
-        """The compiled train step for optimizer step ``step`` (with or without the penalty)."""
-        return self.train[penalty_applies(config, step)]
+        """The compiled train step for optimizer step ``step`` (0-based): unrolled or not, penalised or not."""
+        return self.train[in_warmup(config, step), penalty_applies(config, step)]
+
+    def eval_for(self, config: Config, steps_taken: int):
+        """The compiled eval step after ``steps_taken`` optimizer steps (unrolled during the warm-up)."""
+        return self.eval[in_warmup(config, steps_taken)]
 
     def batch(self, *local: np.ndarray) -> tuple[jax.Array, ...]:
         """Global batch arrays from this process's ``rows`` of them."""
@@ -76,8 +84,11 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Mesh) -> Steps:
+def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Mesh, total_steps: int) -> Steps:
     """Compiles the train, eval and spectral radius steps ahead of time, once.
+
+    Of the train step, one program per (warm-up, penalty) pair the run can ask for (see
+    :meth:`Steps.train_for`); of the eval step, the unrolled one only with a warm-up.
 
     A compiled step refuses inputs of another shape, dtype or sharding instead of
     silently recompiling, so a whole run provably uses one executable of each.
@@ -88,6 +99,7 @@ def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Me
       state: an example (or abstract) train state, for shapes.
       config: the run's settings; ``batch_size`` must divide over ``mesh``.
       mesh: from :func:`make_mesh`.
+      total_steps: optimizer steps of the whole run (whether it reaches the end of the warm-up).
 
     Returns:
       :class:`Steps`.
@@ -102,31 +114,39 @@ def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Me
 
     images, labels, flags = batch_spec(jnp.uint8, 32, 32, 3), batch_spec(jnp.int32), batch_spec(jnp.bool_)
 
-    def train_jit(penalty):
+    def train_jit(warmup, penalty):
         return jax.jit(
-            functools.partial(train_step, model_def=model_def, tx=tx, config=config, penalty=penalty),
+            functools.partial(train_step, model_def=model_def, tx=tx, config=config, penalty=penalty, warmup=warmup),
             in_shardings=(replicated, data, data), out_shardings=replicated, donate_argnums=0,
         ).lower(state, images, labels).compile()
 
-    # The programs penalty_applies can ask for: with 0 < --jac-reg-freq < 1, both.
+    def eval_jit(warmup):
+        return jax.jit(
+            functools.partial(eval_step, model_def=model_def, config=config, warmup=warmup),
+            in_shardings=(replicated, data, data, data, data), out_shardings=replicated,
+        ).lower(state, images, labels, flags, flags).compile()
+
+    # The programs in_warmup and penalty_applies can ask for: with 0 < --jac-reg-freq < 1, both
+    # penalties; warm-up programs if it has steps, equilibrium ones if the run goes past it.
     penalties = (False, True) if config.jac_reg > 0 and config.jac_reg_freq < 1 else (config.jac_reg > 0,)
-    eval_jit = jax.jit(
-        functools.partial(eval_step, model_def=model_def),
-        in_shardings=(replicated, data, data, data, data), out_shardings=replicated,
-    )
+    warmups = [warmup for warmup, needed in ((True, config.warmup_steps > 0),
+                                             (False, config.warmup_steps < total_steps)) if needed]
+    first_eval = total_steps // config.epochs  # steps taken at the first evaluation
     radius_jit = jax.jit(
         functools.partial(radius_step, model_def=model_def),
         in_shardings=(replicated, data, data), out_shardings=replicated,
     )
     return Steps(
-        train={penalty: train_jit(penalty) for penalty in penalties},
-        eval=eval_jit.lower(state, images, labels, flags, flags).compile(),
+        train={(warmup, penalty): train_jit(warmup, penalty) for warmup in warmups for penalty in penalties},
+        # After the last step too: an evaluation after a run that ends inside its warm-up is unrolled.
+        eval={warmup: eval_jit(warmup) for warmup in {in_warmup(config, first_eval), in_warmup(config, total_steps)}},
         radius=radius_jit.lower(state, images, flags).compile(),
         replicated=replicated, data=data, batch_size=batch_size, rows=distributed.process_rows(data, batch_size),
     )
 
 
-def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray) -> dict[str, float]:
+def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray, config: Config,
+             steps_taken: int) -> dict[str, float]:
     """Test loss and accuracy over a whole split (the last batch padded), each example counted once.
 
     Each process reads and feeds only its rows of each batch.
@@ -134,6 +154,8 @@ def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray) -> d
     Args:
       steps: the compiled steps.
       state: the train state.
+      config: the warm-up settings.
+      steps_taken: optimizer steps so far (during the warm-up, the unrolled network is evaluated).
       split: the evaluation data.
       exact: bool [N], the bit-exact test examples.
 
@@ -150,7 +172,7 @@ def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray) -> d
         is_exact = np.zeros(rows.stop - rows.start, bool)
         is_exact[: len(labels)] = exact[first : first + len(labels)]
         images, labels, mask, is_exact = steps.batch(*ip.pad_batch(images, labels, len(is_exact)), is_exact)
-        metrics = steps.eval(state, images, labels, mask, is_exact)
+        metrics = steps.eval_for(config, steps_taken)(state, images, labels, mask, is_exact)
         total = metrics if total is None else accumulate(total, metrics)
         if i < RADIUS_BATCHES:
             metrics = steps.radius(state, images, mask)
@@ -197,9 +219,9 @@ def train_epoch(steps: Steps, state: dict, split: ip.Split, config: Config, epoc
             # dispatched steps) at most PROGRESS_EVERY steps ahead of the device.
             if i % PROGRESS_EVERY == 0 or i == num_steps:
                 m = summarize(jax.device_get(total), "train_")
-                bwd = {"bwd": f"{m['bwd_steps_mean']:.1f}"} if "bwd_steps_mean" in m else {}
-                bar.set_postfix(loss=f"{m['train_loss']:.3f}", acc=f"{m['train_accuracy']:.3f}",
-                                fwd=f"{m['fwd_steps_mean']:.1f}", **bwd)
+                solves = {name: f"{m[f'{name}_steps_mean']:.1f}" for name in ("fwd", "bwd")
+                          if m.get(f"{name}_steps_mean") is not None}  # none in the warm-up
+                bar.set_postfix(loss=f"{m['train_loss']:.3f}", acc=f"{m['train_accuracy']:.3f}", **solves)
     return state, summarize(jax.device_get(total), "train_")
 
 
@@ -221,7 +243,7 @@ def _log(message: str) -> None:
 
 
 def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
-    """Trains the chapter's DEQ on CIFAR-10, evaluating and checkpointing every epoch.
+    """Trains the DEQ ``config.model`` names on CIFAR-10, evaluating and checkpointing every epoch.
 
     Writes to ``workdir``: ``metrics.jsonl`` (one line per epoch), ``summary.json``,
     ``curves.png`` and ``solver.png`` (see :mod:`plots`), and ``checkpoints/`` (orbax,
@@ -255,9 +277,13 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
     exact = np.zeros(len(test_split), bool) if test_split.ids is None else ip.exact_test_mask(test_split.ids)
     steps_per_epoch = ip.steps_per_epoch(len(train_split), config.batch_size)
 
-    model_def, state, tx, schedule = init_state(config, config.epochs * steps_per_epoch)
+    total_steps = config.epochs * steps_per_epoch
+    model_def, state, tx, schedule = init_state(config, total_steps)
     count = param_count(state["params"])
-    _log(f"CifarDEQ: {count:,} trainable parameters (the chapter's PyTorch model: {CHAPTER_PARAM_COUNT:,})")
+    reference, reference_count = REFERENCE_PARAM_COUNTS[config.model]
+    _log(f"{config.model}: {count:,} trainable parameters ({reference}: {reference_count:,})")
+    if config.model_defaults_line() is not None:
+        _log(f"{config.model} recipe (official yaml; flags given override it): {config.model_defaults_line()}")
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     history = []
     if config.resume:
@@ -266,7 +292,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
     device = f"{mesh.size} x {mesh.devices.flat[0].device_kind}" + (
         f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
     start = time.perf_counter()
-    steps = compile_steps(model_def, tx, state, config, mesh)
+    steps = compile_steps(model_def, tx, state, config, mesh, total_steps)
     compile_s = time.perf_counter() - start
     distributed.barrier("compiled")
     _log(f"compiled the train and eval steps for {device} in {compile_s:.1f} s; "
@@ -280,7 +306,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
         start = time.perf_counter()
         state, train_metrics = train_epoch(steps, state, train_split, config, epoch)
         train_s = time.perf_counter() - start
-        test_metrics = evaluate(steps, state, test_split, exact)
+        test_metrics = evaluate(steps, state, test_split, exact, config, epoch * steps_per_epoch)
         epoch_s = time.perf_counter() - start
         history.append({
             "epoch": epoch, **train_metrics, **test_metrics,
