@@ -4,8 +4,10 @@ One subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=4``) compiles
 experiment's ``train_step`` on a 1-device and a 4-device mesh
 (``experiments.benchmarks.device_parity.first_steps``: the shardings
 ``train.compile_steps`` uses, batch along 'data', state replicated), for the chapter's
-settings and for the toolkit's (Broyden, phantom gradient, Jacobian penalty, weight
-norm), and takes one step on the same batch of 8. The "optimizer" stores the gradient
+settings, for the toolkit's (Broyden, phantom gradient, Jacobian penalty, weight
+norm) and for MDEQ-tiny's (Broyden, weight norm, variational dropout 0.25: the masks,
+drawn over the global batch, must not depend on how it is split), and takes one step
+on the same batch of 8. The "optimizer" stores the gradient
 as its state, so the gradient itself is compared, tensor by tensor.
 
 Why float64 (``python -m experiments.benchmarks.device_parity``, 6 batches per row,
@@ -20,14 +22,15 @@ test anything. In float64 every gap was <= 1.4e-13, so a tight tolerance catches
 logic error (a missing all-reduce, per-device BatchNorm statistics, a mis-sharded batch).
 
 Tolerances (float64): gradients ``GRAD_RTOL = 1e-10`` of each tensor's largest entry
-(measured here 1.2e-13 chapter, 1.7e-14 toolkit); losses and BatchNorm statistics
-``STATE_RTOL = 1e-10`` relative (measured: equal losses to 2e-16, statistics 4.7e-14 and
-4.2e-14). Negative control: the 4-device step fed a batch whose second device holds the
-first device's rows must be off by more than ``CONTROL_MIN_GAP = 1e-3`` (measured 0.99 and
-1.06). The stem's bias is left out: a train-mode BatchNorm follows it, so its true
-gradient is 0 and what is computed is noise.
+(measured here 1.2e-13 chapter, 1.7e-14 toolkit, 7.0e-15 MDEQ); losses and BatchNorm
+statistics ``STATE_RTOL = 1e-10`` relative (measured: equal losses to 2e-16, statistics
+4.7e-14, 4.2e-14 and 2.9e-16). Negative control: the 4-device step fed a batch whose second
+device holds the first device's rows must be off by more than ``CONTROL_MIN_GAP = 1e-3``
+(measured 0.99, 1.06 and 1.56). Conv biases that a train-mode BatchNorm follows (the chapter's stem, the MDEQ head's
+downsampling and final convs) are left out: their true gradient is 0 and what is computed
+is noise (the MDEQ head's final bias differed by 1.6 of its largest entry).
 
-Cost: 4 compilations, 45 s of wall time on 2 cores.
+Cost: 6 compilations.
 """
 import json
 import os
@@ -48,6 +51,7 @@ SETTINGS = {
     # fraction of steps is chosen.
     "toolkit": dict(solver="broyden", gradient="phantom", phantom_steps=2, phantom_damping=0.8, jac_reg=0.5,
                     jac_reg_freq=1.0, weight_norm=True),
+    "mdeq": dict(model="mdeq-tiny", solver="broyden", dropout=0.25, weight_norm=True),
 }
 
 _SCRIPT = textwrap.dedent("""
@@ -79,7 +83,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def report():
-    """Both settings in one subprocess (4 compilations; it shares the run's compilation cache, see conftest)."""
+    """Every setting in one subprocess (6 compilations; it shares the run's compilation cache, see conftest)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(SETTINGS)], cwd=ROOT, env=env,

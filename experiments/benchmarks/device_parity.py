@@ -99,15 +99,21 @@ def _run_step(step, state, data, images, labels):
     return jax.device_get(step(state, *batch))
 
 
+def _followed_by_batchnorm(name: str) -> bool:
+    """A conv bias a train-mode BatchNorm follows (the chapter's stem, the MDEQ head's downsampling and final convs):
+    its true gradient is 0, and what is computed is noise."""
+    return name == "stem/bias" or (name.startswith("head/") and name.endswith("/conv/bias"))
+
+
 def gaps(a, b) -> dict[str, float]:
-    """``max |a - b| / max |a|`` per tensor of two pytrees, named by path; the stem's bias left out
-    (a train-mode BatchNorm follows it: its true gradient is 0 and what is computed is noise)."""
+    """``max |a - b| / max |a|`` per tensor of two pytrees, named by path; conv biases that a
+    train-mode BatchNorm follows are left out (:func:`_followed_by_batchnorm`)."""
     import jax
 
     paths = jax.tree_util.tree_leaves_with_path(a)
     names = ["/".join(str(k.key) for k in path if hasattr(k, "key")) for path, _ in paths]
     return {name: float(np.abs(x - y).max() / np.abs(x).max())
-            for name, (_, x), y in zip(names, paths, jax.tree.leaves(b)) if name != "stem/bias"}
+            for name, (_, x), y in zip(names, paths, jax.tree.leaves(b)) if not _followed_by_batchnorm(name)}
 
 
 def _first_gradients(settings: dict, smooth: bool, batches: list) -> list[dict[str, float]]:
