@@ -45,8 +45,10 @@ def _compile_with_light_llvm_optimisation():
     On XLA:CPU most of a test's time is LLVM optimising the programs it compiles, and a
     test runs each program on a few small arrays once or twice. On a 2-core AMD EPYC
     (2026-12-03): ``pytest -n 0 tests/test_conv.py`` took 86 s at the default level, 22 s
-    at level 1 and 22 s at level 0; a 2-epoch MDEQ-tiny run (batch 10, 30 images) took
-    98 s, 74 s and 171 s: level 0 compiles fastest but runs many small fused ops ten
+    at level 1 and 22 s at level 0; the mocked MDEQ run's settings on real data
+    (``train.train_and_evaluate`` in one process, as ``python -m experiments.cifar10
+    --model mdeq-tiny --epochs 2 --train-limit 30 --eval-limit 25 --batch-size 10
+    --f-max-iter 4 --b-max-iter 4 --warmup-steps 4 --warmup-depth 2``) took 98 s, 74 s and 171 s: level 0 compiles fastest but runs many small fused ops ten
     times slower. The level is LLVM's: the optimised HLO of a DEQ gradient program is the
     same text at levels 0 and 3 (compared with ``compiled.as_text()``). Set before any
     backend starts, so workers and subprocesses inherit it.

@@ -154,10 +154,10 @@ def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray, conf
     Args:
       steps: the compiled steps.
       state: the train state.
-      config: the warm-up settings.
-      steps_taken: optimizer steps so far (during the warm-up, the unrolled network is evaluated).
       split: the evaluation data.
       exact: bool [N], the bit-exact test examples.
+      config: the warm-up settings.
+      steps_taken: optimizer steps so far (during the warm-up, the unrolled network is evaluated).
 
     Returns:
       ``test_loss``, ``test_accuracy``, ``test_exact_accuracy``, and the mean and largest
@@ -165,6 +165,7 @@ def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray, conf
       ``RADIUS_BATCHES`` batches, ``test_spectral_radius_mean`` / ``_max``.
     """
     total, radius, rows = None, None, steps.rows
+    eval_step_now = steps.eval_for(config, steps_taken)
     batches = ip.epoch_batches(split, steps.batch_size, rng=None, drop_remainder=False, rows=rows)
     for i, (images, labels) in enumerate(batches):
         # Padding fills the last batch's end, so a process's real rows come first in its block.
@@ -172,7 +173,7 @@ def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray, conf
         is_exact = np.zeros(rows.stop - rows.start, bool)
         is_exact[: len(labels)] = exact[first : first + len(labels)]
         images, labels, mask, is_exact = steps.batch(*ip.pad_batch(images, labels, len(is_exact)), is_exact)
-        metrics = steps.eval_for(config, steps_taken)(state, images, labels, mask, is_exact)
+        metrics = eval_step_now(state, images, labels, mask, is_exact)
         total = metrics if total is None else accumulate(total, metrics)
         if i < RADIUS_BATCHES:
             metrics = steps.radius(state, images, mask)
