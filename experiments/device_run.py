@@ -37,6 +37,7 @@ files) so the whole script runs on a CPU in about two minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -114,8 +115,9 @@ def run_part(name: str, command: list[str], seconds: float, out: Path, env: dict
         log.flush()
         process, cut_off = None, False
         try:
-            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            with _signals_held():  # a SystemExit inside Popen would orphan the part: no object to stop
+                process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
             process.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             cut_off = True
@@ -304,6 +306,9 @@ def _exit_on_signals() -> dict:
     def exit_now(signum, frame):
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
+        if _HELD["holding"]:
+            _HELD["signal"] = signum
+            return
         raise SystemExit(128 + signum)
 
     previous = {}
@@ -313,6 +318,26 @@ def _exit_on_signals() -> dict:
             previous[sig] = handler
             signal.signal(sig, exit_now)
     return previous
+
+
+_HELD = {"holding": False, "signal": None}  # exit_now's state inside _signals_held
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Defers ``exit_now``'s ``SystemExit`` to the end of the block.
+
+    A signal that arrives while ``subprocess.Popen`` starts a part (after its fork, before
+    it returns) would leave the part running with no Popen object to stop it.
+    """
+    _HELD["holding"] = True
+    try:
+        yield
+    finally:
+        _HELD["holding"] = False
+        signum, _HELD["signal"] = _HELD["signal"], None
+        if signum is not None:
+            raise SystemExit(128 + signum)
 
 
 def _report_interruption(out: Path, results: dict, args, name: str, error: BaseException) -> None:

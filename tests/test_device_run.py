@@ -155,6 +155,33 @@ def test_a_part_is_killed_when_the_script_fails_while_it_runs(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds processes through /proc (Linux)")
+def test_a_signal_while_the_part_starts_still_stops_it(tmp_path, monkeypatch):
+    """SIGTERM after the part's fork, before Popen returns (the race a CI run once lost): the part still dies."""
+    command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    real_popen, started = subprocess.Popen, []
+
+    def popen_then_signal(*args, **kwargs):
+        process = real_popen(*args, **kwargs)
+        started.append(process.pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: still inside this call
+        return process
+
+    monkeypatch.setattr(device_run.subprocess, "Popen", popen_then_signal)
+    previous = device_run._exit_on_signals()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            device_run.run_part("tests", command, 30, tmp_path, dict(os.environ))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert not live_group_members(started[0])
+    finally:
+        kill_groups(*started)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds processes through /proc (Linux)")
 def test_processes_a_part_leaves_behind_are_killed(tmp_path):
     # The part exits at once, leaving a child of its own, in its process group, sleeping.
     command = [sys.executable, "-c", "import os, subprocess, sys; print(os.getpid(), flush=True); "
