@@ -84,7 +84,9 @@ _SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def report():
     """Every setting in one subprocess (6 compilations; it shares the run's compilation cache, see conftest)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    # Added to the run's XLA_FLAGS, not in their place: the subprocess compiles as every test does (see conftest).
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(SETTINGS)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)

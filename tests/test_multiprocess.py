@@ -56,6 +56,8 @@ class Run:
         if num_processes > 1:
             cluster = ["--coordinator-address", f"127.0.0.1:{_free_port()}", "--num-processes", str(num_processes)]
         self.processes, self.logs = [], []
+        # Added to the run's XLA_FLAGS (conftest's optimisation level), not in their place.
+        xla_flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
         for i in range(num_processes):
             log = workdir.parent / f"{name}.{i}.log"
             self.logs.append(log)
@@ -63,7 +65,7 @@ class Run:
                 self.processes.append(subprocess.Popen(
                     [sys.executable, str(WORKER), "--workdir", str(workdir), *flags, *cluster,
                      *(["--process-id", str(i)] if cluster else [])],
-                    cwd=ROOT, env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
+                    cwd=ROOT, env={**env, "XLA_FLAGS": xla_flags},
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 ))
         self.start, self.exit_times = time.monotonic(), [None] * num_processes

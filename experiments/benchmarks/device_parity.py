@@ -143,7 +143,8 @@ def worker(rows: list[str], num_batches: int) -> None:
 
 
 def _measure(dtype: str, rows: list[str], num_batches: int) -> dict:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PLATFORMS": "cpu",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}"  # keeps the caller's
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
            "JAX_ENABLE_X64": "1" if dtype == "float64" else "0",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "experiments.benchmarks.device_parity", "--worker", json.dumps(rows)]
