@@ -7,11 +7,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._gradients import Implicit, Phantom, check_gradient, phantom_solve
 from ._solution import NUM_STATS, Solution
 from ._solvers import Anderson, check_solver
-from ._solvers._loop import check_problem
+from ._solvers._loop import budget_per_example, check_problem
 
 
 def fixed_point(
@@ -22,6 +23,7 @@ def fixed_point(
     solver=Anderson(),
     gradient=Implicit(),
     backward_stats_probe: jax.Array | None = None,
+    budget=None,
 ) -> Solution:
     """Solves ``z* = f(z*, args)``, differentiable w.r.t. ``args`` by the chosen gradient strategy.
 
@@ -57,6 +59,12 @@ def fixed_point(
         the probe), which is how backward statistics leave a jitted ``grad``
         (``SolveStats.from_array(grad)``); with :class:`Phantom`, which solves
         nothing backward, its gradient is zero.
+      budget: optional run-time cap on the forward solve's f evaluations per example
+        (an int, or an integer array of shape ``()`` or ``[B]``, counted as
+        ``max_iter`` counts them), clamped to the solver's ``max_iter``, the
+        compile-time ceiling. It may be traced: a jitted caller that takes it as an
+        argument compiles once for every budget. The backward solve keeps its own
+        ``max_iter``.
 
     Returns:
       The forward :class:`Solution` (for :class:`Phantom`, ``value`` is the last unrolled
@@ -79,26 +87,27 @@ def fixed_point(
             f"fixed_point: backward_stats_probe must have shape ({NUM_STATS},), "
             f"got {jnp.shape(backward_stats_probe)}."
         )
+    limit = budget_per_example("fixed_point", budget, jax.tree_util.tree_leaves(z0)[0].shape[0], solver.max_iter)
     if isinstance(gradient, Phantom):
-        return phantom_solve(f, z0, args, solver, gradient)
+        return phantom_solve(f, z0, args, solver, gradient, limit)
     backward_solver = solver if gradient.solver is None else gradient.solver
     closed_f, consts = jax.closure_convert(f, z0, args)
 
     def explicit_f(z, all_args):
         return closed_f(z, all_args[0], *all_args[1])
 
-    return _implicit_solve(explicit_f, solver, backward_solver, z0, (args, consts), backward_stats_probe)
+    return _implicit_solve(explicit_f, solver, backward_solver, z0, (args, consts), backward_stats_probe, limit)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _implicit_solve(f, solver, backward_solver, z0, args, probe):
+def _implicit_solve(f, solver, backward_solver, z0, args, probe, limit):
     del backward_solver, probe
-    return solver(lambda z: f(z, args), z0)
+    return solver(lambda z: f(z, args), z0, limit)
 
 
-def _implicit_solve_fwd(f, solver, backward_solver, z0, args, probe):
-    solution = _implicit_solve(f, solver, backward_solver, z0, args, probe)
-    return solution, (solution.value, args, probe)
+def _implicit_solve_fwd(f, solver, backward_solver, z0, args, probe, limit):
+    solution = _implicit_solve(f, solver, backward_solver, z0, args, probe, limit)
+    return solution, (solution.value, args, probe, limit)
 
 
 def _batch_norms(tree) -> jax.Array:
@@ -146,12 +155,13 @@ def solve_transposed(vjp_z: Callable, y, z_star, solver) -> Solution:
 
 
 def _implicit_solve_bwd(f, solver, backward_solver, residuals, cotangent: Solution):
-    z_star, args, probe = residuals
+    z_star, args, probe, limit = residuals
     _, vjp = jax.vjp(f, z_star, args)  # the one f evaluation of the backward pass
     g = solve_transposed(lambda g: vjp(g)[0], cotangent.value, z_star, backward_solver)
     _, args_bar = vjp(g.value)
     z0_bar = jax.tree_util.tree_map(jnp.zeros_like, z_star)
-    return z0_bar, args_bar, g.stats().to_array().astype(probe.dtype)
+    limit_bar = np.zeros(limit.shape, jax.dtypes.float0)  # an integer input has no cotangent
+    return z0_bar, args_bar, g.stats().to_array().astype(probe.dtype), limit_bar
 
 
 _implicit_solve.defvjp(_implicit_solve_fwd, _implicit_solve_bwd)

@@ -82,14 +82,14 @@ def check_gradient(gradient) -> None:
         )
 
 
-def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom) -> Solution:
-    """The forward solve without gradient, then ``gradient.steps`` differentiated damped steps.
+def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom, budget=None) -> Solution:
+    """The forward solve (under ``budget``) without gradient, then ``gradient.steps`` differentiated damped steps.
 
     Returns:
       The solver's :class:`Solution` with ``value`` replaced by the last unrolled state.
     """
     frozen_args = lax.stop_gradient(args)
-    solution = solver(lambda z: f(z, frozen_args), lax.stop_gradient(z0))
+    solution = solver(lambda z: f(z, frozen_args), lax.stop_gradient(z0), budget)
     z = lax.stop_gradient(solution.value)
     tau = gradient.damping
 

@@ -28,6 +28,8 @@ Z0 = jnp.zeros((2, 3))
         (lambda: dj.Phantom(steps=True), "steps must be an int >= 1, got True"),
         (lambda: dj.Phantom(damping=0.0), r"damping must be a number in \(0, 1\], got 0.0"),
         (lambda: dj.Phantom(damping=1.5), r"damping must be a number in \(0, 1\], got 1.5"),
+        (lambda: dj.ForwardIteration(damping=0), r"damping must be a number in \(0, 1\], got 0"),
+        (lambda: dj.ForwardIteration(damping=1.01), r"damping must be a number in \(0, 1\], got 1.01"),
     ],
 )
 def test_bad_solver_options(make, message):

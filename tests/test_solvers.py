@@ -81,6 +81,29 @@ def test_nan_example_is_reported_and_isolated(x64, solver):
     assert sol.converged[keep].all()
 
 
+def test_relaxed_iteration_follows_the_hand_written_damped_loop(x64):
+    f, z0 = tanh_problem()
+    damping, steps = 0.6, 7
+    z, residuals = z0, []
+    for _ in range(steps):
+        fz = f(z)
+        residuals.append(np.linalg.norm(fz - z, axis=1) / (np.linalg.norm(fz, axis=1) + 1e-5))  # the loop's eps
+        z = damping * fz + (1 - damping) * z
+    solution = dj.ForwardIteration(tol=1e-14, max_iter=steps, damping=damping)(f, z0)
+    np.testing.assert_allclose(solution.trace, np.stack(residuals), rtol=1e-12)
+    assert (np.diff(np.stack(residuals), axis=0) < 0).all()  # so the last iterate is the best, and value is f of it
+    np.testing.assert_allclose(solution.value, fz, rtol=1e-12)
+
+
+def test_relaxed_iteration_converges_where_plain_iteration_oscillates(x64):
+    f = lambda z: -1.05 * z + 1.0  # J = -1.05: plain iteration diverges, damping 0.5 contracts (|1 - 0.5 * 2.05| < 1)
+    z0 = jnp.zeros((1, 1))
+    assert not bool(dj.ForwardIteration(tol=1e-8, max_iter=200)(f, z0).converged[0])
+    relaxed = dj.ForwardIteration(tol=1e-8, max_iter=200, damping=0.5)(f, z0)
+    assert bool(relaxed.converged[0])
+    np.testing.assert_allclose(relaxed.value, 1 / 2.05, rtol=1e-7)
+
+
 def test_anderson_beats_forward_iteration_on_chapter_demo():
     cell = dj.nn.ResNetCell(64, 128, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (10, 32, 32, 64))

@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .._backend import backend_choices
@@ -76,17 +77,18 @@ class Solver(abc.ABC):
         Rows where ``active`` (bool[B]) is False must stay unchanged.
         """
 
-    def __call__(self, f: Callable, z0) -> Solution:
+    def __call__(self, f: Callable, z0, budget=None) -> Solution:
         """Solves ``z = f(z)`` from ``z0``.
 
         Args:
           f: batched map, ``f(z)`` has the structure, shape and dtype of ``z``.
           z0: initial estimate, a floating array (or pytree) with a leading batch axis.
+          budget: optional run-time cap on the f evaluations (see :func:`iterate`).
 
         Returns:
           A :class:`deq_jax.Solution`.
         """
-        return iterate(self, f, z0)
+        return iterate(self, f, z0, budget)
 
 
 def check_solver_options(solver: Solver) -> None:
@@ -165,13 +167,41 @@ def check_problem(owner: str, f: Callable, z0) -> None:
         )
 
 
-def iterate(solver: Solver, f: Callable, z0) -> Solution:
+def budget_per_example(owner: str, budget, batch: int, max_iter: int) -> jax.Array:
+    """The f-evaluation cap of each example, int32[B] in ``[1, max_iter]``.
+
+    A concrete budget is checked here (an integer >= 1, a scalar or one per example); a
+    traced one cannot be, and is clipped to ``[1, max_iter]`` instead. A budget above
+    ``max_iter`` is clamped to it: ``max_iter`` is the compile-time ceiling.
+
+    Args:
+      owner: the function, for messages.
+      budget: None (``max_iter``), an int, or an integer array of shape ``()`` or ``[B]``.
+      batch: ``B``.
+      max_iter: the solver's ceiling.
+    """
+    if budget is None:
+        return jnp.full(batch, max_iter, jnp.int32)
+    if isinstance(budget, bool) or not jnp.issubdtype(jnp.result_type(budget), jnp.integer):
+        raise TypeError(f"{owner}: budget must be an integer (or integer array), got {budget!r}.")
+    if jnp.shape(budget) not in ((), (batch,)):
+        raise ValueError(f"{owner}: budget must be a scalar or have shape ({batch},), got shape {jnp.shape(budget)}.")
+    if not isinstance(budget, jax.core.Tracer) and int(np.min(budget)) < 1:
+        raise ValueError(f"{owner}: budget must be >= 1 f evaluation, got {budget!r}.")
+    return jnp.broadcast_to(jnp.clip(jnp.asarray(budget, jnp.int32), 1, max_iter), (batch,))
+
+
+def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
     """Runs ``solver``'s ``init``/``propose``/``record`` under ``lax.while_loop``, per example.
 
     Args:
       solver: the :class:`Solver` (its ``tol``, ``max_iter`` and update rule).
       f: batched map from a pytree like ``z0`` to the same.
       z0: initial estimate; a pytree of floating arrays with a leading batch axis.
+      budget: optional cap on each example's f evaluations, counted as ``max_iter``
+        counts them (``f(z0)`` is the first): an int, or an integer array of shape
+        ``()`` or ``[B]``, and it may be traced, so changing it does not recompile.
+        ``max_iter`` stays the compile-time ceiling; a larger budget is clamped to it.
 
     Returns:
       The :class:`Solution`; ``value`` is ``f(z)`` at each example's lowest-residual
@@ -188,7 +218,8 @@ def iterate(solver: Solver, f: Callable, z0) -> Solution:
     fx0 = f_flat(x0)
     residual0 = relative_residual(x0, fx0)
     batch = x0.shape[0]
-    running = jnp.isfinite(residual0) & (residual0 >= tol)
+    limit = budget_per_example(owner, budget, batch, max_iter)
+    running = jnp.isfinite(residual0) & (residual0 >= tol) & (limit > 1)
     trace = jnp.full((max_iter, batch), jnp.nan, x0.dtype).at[0].set(residual0)
     state = _LoopState(
         k=jnp.asarray(1, jnp.int32),
@@ -215,7 +246,7 @@ def iterate(solver: Solver, f: Callable, z0) -> Solution:
         return _LoopState(
             k=s.k + 1,
             history=solver.record(s.history, s.k, x, fx, s.active),
-            active=s.active & (residual >= tol) & jnp.isfinite(residual),
+            active=s.active & (residual >= tol) & jnp.isfinite(residual) & (s.num_steps + 1 < limit),
             num_steps=s.num_steps + s.active,
             best_fx=select_rows(improved, fx, lambda: s.best_fx),
             best_residual=jnp.where(improved, residual, s.best_residual),

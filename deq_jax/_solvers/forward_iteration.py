@@ -1,4 +1,4 @@
-"""Plain fixed-point iteration ``z <- f(z)``, per example."""
+"""Fixed-point iteration ``z <- f(z)``, plain or relaxed, per example."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,15 +6,19 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from .._checks import check_number
 from ._loop import Solver, check_solver_options, select_rows
 
 
 @dataclasses.dataclass(frozen=True)
 class ForwardIteration(Solver):
-    """Forward iteration ``z_{k+1} = f(z_k)``, stopping each example on its own.
+    """Forward iteration ``z_{k+1} = damping * f(z_k) + (1 - damping) * z_k``, stopping each example on its own.
 
-    Converges when ``f`` is a contraction near the fixed point; slower than
-    :class:`Anderson` but needs no history. ``value`` is ``f(z)`` at each example's
+    With ``damping=1`` (the default) plain iteration: converges when ``f`` is a
+    contraction near the fixed point; slower than :class:`Anderson` but needs no
+    history. A smaller ``damping`` (relaxed, or Krasnosel'skii-Mann, iteration, as in
+    banax) trades speed for stability: it converges for some ``f`` that plain iteration
+    overshoots, e.g. where ``J_f`` has eigenvalues near -1. ``value`` is ``f(z)`` at each example's
     lowest-residual iterate ``z`` (for a converged example, the last one), as the
     chapter's ``forward_iteration`` returns ``f(z)``.
 
@@ -22,28 +26,35 @@ class ForwardIteration(Solver):
       tol: relative residual ``||f(z)-z|| / (||f(z)|| + 1e-5)`` at which an example stops.
       max_iter: most f evaluations per example (the chapter's function makes
         ``max_iter + 1``).
+      damping: the weight of ``f(z)`` in each step, in (0, 1].
 
     Example:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> sol = dj.ForwardIteration(tol=1e-6, max_iter=100)(lambda z: 0.5 * z + 1.0, jnp.zeros((2, 3)))
       >>> bool(sol.converged.all()), int(sol.num_steps[0]) > 10
       (True, True)
+      >>> sol = dj.ForwardIteration(tol=1e-6, max_iter=100, damping=0.5)(lambda z: -0.9 * z + 1.0, jnp.zeros((1, 1)))
+      >>> round(float(sol.value[0, 0]), 4)
+      0.5263
     """
 
     tol: float = 1e-2
     max_iter: int = 50
+    damping: float = 1.0
 
     def __post_init__(self):
         check_solver_options(self)
+        check_number("ForwardIteration", "damping", self.damping, high=1.0, high_open=False)
 
     def init(self, batch, features, dtype) -> jax.Array:
-        """The last image ``f(x)``, ``[B, D]`` (see :class:`deq_jax.Solver`)."""
+        """The next iterate, ``[B, D]`` (see :class:`deq_jax.Solver`)."""
         return jnp.zeros((batch, features), dtype)
 
-    def propose(self, last_fx, k) -> jax.Array:
-        """``f`` of the last iterate."""
-        return last_fx
+    def propose(self, next_x, k) -> jax.Array:
+        """The iterate ``record`` stored."""
+        return next_x
 
-    def record(self, last_fx, k, x, fx, active) -> jax.Array:
-        """Keeps ``f(x)`` of the running examples."""
-        return select_rows(active, fx, lambda: last_fx)
+    def record(self, next_x, k, x, fx, active) -> jax.Array:
+        """Stores the running examples' next iterate: ``f(x)``, or the damped step."""
+        step = fx if self.damping == 1 else self.damping * fx + (1 - self.damping) * x
+        return select_rows(active, step, lambda: next_x)

@@ -153,11 +153,11 @@ class DEQ(nnx.Module):
         self.gradient = gradient
         self.backward_stats = BackwardStatsProbe(jnp.zeros(NUM_STATS, jnp.float32))
 
-    def __call__(self, x: jax.Array, z0=None):
-        """The fixed point ``z*``: ``self.solve(x, z0).value``."""
-        return self.solve(x, z0).value
+    def __call__(self, x: jax.Array, z0=None, budget=None):
+        """The fixed point ``z*``: ``self.solve(x, z0, budget).value``."""
+        return self.solve(x, z0, budget).value
 
-    def solve(self, x: jax.Array, z0=None) -> Solution:
+    def solve(self, x: jax.Array, z0=None, budget=None) -> Solution:
         """Solves for the equilibrium of ``cell(., x)``.
 
         Args:
@@ -167,6 +167,11 @@ class DEQ(nnx.Module):
             solver state; if None, the cell's ``initial_state(x)`` where it has one, else
             zeros shaped like ``x`` in its dtype promoted to at least float32 (float32
             for a bfloat16 ``x``).
+          budget: optional cap on the forward solve's f evaluations per example, the
+            test-time compute dial: an int or an integer array (``()`` or ``[B]``),
+            possibly traced, so a jitted caller that takes it as an argument compiles
+            once for every budget; clamped to the solver's ``max_iter``. See
+            :func:`deq_jax.fixed_point`.
 
         Returns:
           The forward :class:`deq_jax.Solution`; its ``value``, shaped like ``z0`` in its
@@ -177,7 +182,7 @@ class DEQ(nnx.Module):
         f, state = explicit_cell(self.cell)
         solution = fixed_point(
             f, z0, (state, x), solver=self.solver, gradient=self.gradient,
-            backward_stats_probe=self.backward_stats[...],
+            backward_stats_probe=self.backward_stats[...], budget=budget,
         )
         self._advance_state(solution.value, x)
         return solution
