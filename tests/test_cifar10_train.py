@@ -29,7 +29,7 @@ PER_EPOCH_FIELDS = (
 )
 # Every training aid at once: the chapter's recipe is the other parametrisation.
 TOOLKIT = dict(solver="broyden", gradient="phantom", phantom_steps=2, phantom_damping=0.8, jac_reg=0.5,
-               jac_reg_freq=0.5, weight_norm=True)
+               jac_reg_freq=0.5, norm="weight")
 # The MDEQ-tiny recipe (Broyden, dropout, weight norm, weight decay) with a warm-up of 4 steps: epoch 1
 # (3 steps) is all unrolled, epoch 2 switches to the equilibrium after one step. Depth 2, not the
 # recipe's 10: the unrolled step's program is the suite's largest to compile.
@@ -101,7 +101,7 @@ def test_mocked_run_writes_metrics_summary_plots_and_compiles_once(mocked_run):
         assert any(m["jac_penalty"] is not None for m in history), "jac_reg_freq 0.5 drew no step in 6"
     assert json.loads((workdir / "summary.json").read_text()) == summary
     # On the chapter's cell, weight norm adds one scale per output channel of each convolution: 64 + 48.
-    extra = 112 * config.weight_norm if config.model == "chapter" else 0
+    extra = 112 * (config.norm == "weight") if config.model == "chapter" else 0
     assert summary["param_count"] == train.REFERENCE_PARAM_COUNTS[config.model][1] + extra
     assert summary["exact_test_accuracy"] is None and 0 <= summary["test_accuracy"] <= 1
     assert (summary["epochs"], summary["train_examples"], summary["test_examples"]) == (2, 30, 25)
@@ -274,14 +274,14 @@ def test_a_model_flag_starts_from_its_recipe_and_given_flags_override_it(tmp_pat
         return main.parse_args(["--workdir", str(tmp_path), *flags])[0]
 
     assert config_of() == Config()  # the chapter: the field defaults
-    assert config_of("--weight-norm").weight_norm and not config_of("--weight-norm", "--no-weight-norm").weight_norm
+    assert config_of("--norm", "spectral").norm == "spectral" and config_of("--model", "mdeq-tiny").norm == "weight"
     tiny = config_of("--model", "mdeq-tiny")
     assert tiny == Config.for_model("mdeq-tiny")
     assert (tiny.solver, tiny.f_max_iter, tiny.b_max_iter, tiny.batch_size, tiny.dropout, tiny.warmup_steps,
-            tiny.weight_decay, tiny.weight_norm) == ("broyden", 18, 20, 128, 0.25, 3000, 2.5e-6, True)
+            tiny.weight_decay, tiny.norm) == ("broyden", 18, 20, 128, 0.25, 3000, 2.5e-6, "weight")
     # A flag given with the chapter's default value (batch 100) still overrides the recipe's 128.
-    given = config_of("--model", "mdeq-large", "--batch-size", "100", "--no-weight-norm", "--dropout", "0")
-    assert (given.batch_size, given.weight_norm, given.dropout, given.epochs, given.augment) == (100, False, 0, 220, True)
+    given = config_of("--model", "mdeq-large", "--batch-size", "100", "--norm", "none", "--dropout", "0")
+    assert (given.batch_size, given.norm, given.dropout, given.epochs, given.augment) == (100, "none", 0, 220, True)
     line = given.model_defaults_line()
     assert "batch_size=100 (recipe: 128)" in line and "solver='broyden'," in line and "epochs=220," in line
     assert Config().model_defaults_line() is None

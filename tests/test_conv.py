@@ -90,7 +90,7 @@ def test_the_cell_takes_the_default_conv_of_the_backend_when_built(monkeypatch):
     assert dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)).conv1.conv_general_dilated is default_conv()
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert default_conv() is lax.conv_general_dilated
-    cell = dj.nn.ResNetCell(8, 16, num_groups=4, weight_norm=True, rngs=nnx.Rngs(0))
+    cell = dj.nn.ResNetCell(8, 16, num_groups=4, norm="weight", rngs=nnx.Rngs(0))
     assert cell.conv1.layer.conv_general_dilated is cell.conv2.layer.conv_general_dilated is lax.conv_general_dilated
     monkeypatch.setitem(dj.BACKEND_CHOICES, "tpu", dj.BackendChoices(conv="loop_friendly"))  # one entry flips it
     assert dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)).conv2.conv_general_dilated is loop_friendly_conv

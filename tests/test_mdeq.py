@@ -41,7 +41,7 @@ def official_spec(preset: str) -> dict:
     branches = len(preset["channels"])
     return dict(channels=preset["channels"], num_blocks=(1,) * branches, big_kernels=(0,) * branches,
                 head=preset["head_channels"], final=preset["final_channels"], num_groups=shared["num_groups"],
-                weight_norm=shared["weight_norm"], post_affine=shared["post_affine"], stage0=preset["stage0"])
+                weight_norm=shared["norm"] == "weight", post_affine=shared["post_affine"], stage0=preset["stage0"])
 
 
 TINY, LARGE = official_spec("mdeq-tiny"), official_spec("mdeq-large")
@@ -76,7 +76,7 @@ class Model(nnx.Module):
         self.stem = MDEQStem(channels[0], downsample_times=downsample_times, stage0=spec["stage0"],
                              param_dtype=param_dtype, rngs=nnx.Rngs(0))
         self.cell = MDEQCell(channels, spec["num_blocks"], expansion=expansion, num_groups=spec["num_groups"],
-                             big_kernels=spec["big_kernels"], dropout=dropout, weight_norm=spec["weight_norm"],
+                             big_kernels=spec["big_kernels"], dropout=dropout, norm="weight" if spec["weight_norm"] else "none",
                              block_affine=block_affine, fuse_affine=fuse_affine, post_affine=spec["post_affine"],
                              param_dtype=param_dtype, rngs=nnx.Rngs(1))
         self.head = MDEQClassifierHead(channels, spec["head"], spec["final"], 10, param_dtype=param_dtype,
@@ -97,9 +97,9 @@ def test_cell_output_shapes(channels, num_blocks, big_kernels):
     assert isinstance(out, tuple) and [z.shape for z in out] == want
 
 
-def cell_formula(channels, num_blocks, big_kernels, expansion, weight_norm, block_affine, fuse_affine, post_affine):
-    """The official MDEQModule's parameter count, written out."""
-    total = 0
+def cell_formula(channels, num_blocks, big_kernels, expansion, norm, block_affine, fuse_affine, post_affine):
+    """The official MDEQModule's parameter count, written out (spectral norm adds no parameter)."""
+    total, weight_norm = 0, norm == "weight"
     for c, n, k in zip(channels, num_blocks, big_kernels):
         e = int(expansion * c)
         k1, k2 = (5 if k >= 1 else 3) ** 2, (5 if k >= 2 else 3) ** 2
@@ -127,11 +127,11 @@ def head_formula(channels, head, final, classes):
 
 
 @pytest.mark.parametrize("options", [
-    dict(channels=(8, 16), num_blocks=(1, 1), big_kernels=(0, 0), expansion=5, weight_norm=False,
+    dict(channels=(8, 16), num_blocks=(1, 1), big_kernels=(0, 0), expansion=5, norm="none",
          block_affine=True, fuse_affine=True, post_affine=True),
-    dict(channels=(8, 16, 32), num_blocks=(2, 1, 1), big_kernels=(1, 2, 0), expansion=2.5, weight_norm=True,
+    dict(channels=(8, 16, 32), num_blocks=(2, 1, 1), big_kernels=(1, 2, 0), expansion=2.5, norm="weight",
          block_affine=False, fuse_affine=True, post_affine=False),
-    dict(channels=(8, 8, 16, 8), num_blocks=(1, 1, 1, 2), big_kernels=(0, 0, 0, 1), expansion=3, weight_norm=True,
+    dict(channels=(8, 8, 16, 8), num_blocks=(1, 1, 1, 2), big_kernels=(0, 0, 0, 1), expansion=3, norm="spectral",
          block_affine=True, fuse_affine=False, post_affine=True),
 ])
 def test_cell_parameter_count(options):

@@ -50,8 +50,8 @@ SETTINGS = {
     # jac_reg_freq=1.0: every step adds the penalty, so the test does not depend on how a
     # fraction of steps is chosen.
     "toolkit": dict(solver="broyden", gradient="phantom", phantom_steps=2, phantom_damping=0.8, jac_reg=0.5,
-                    jac_reg_freq=1.0, weight_norm=True),
-    "mdeq": dict(model="mdeq-tiny", solver="broyden", dropout=0.25, weight_norm=True),
+                    jac_reg_freq=1.0, norm="weight"),
+    "mdeq": dict(model="mdeq-tiny", solver="broyden", dropout=0.25, norm="weight"),
 }
 
 _SCRIPT = textwrap.dedent("""

@@ -34,7 +34,7 @@ def test_cell_keeps_shape_and_normalises():
 
 
 def small_deq(weight_norm=False):
-    cell = dj.nn.ResNetCell(4, 6, num_groups=2, param_dtype=jnp.float64, weight_norm=weight_norm, rngs=nnx.Rngs(0))
+    cell = dj.nn.ResNetCell(4, 6, num_groups=2, param_dtype=jnp.float64, norm="weight" if weight_norm else "none", rngs=nnx.Rngs(0))
     for conv in (cell.conv1, cell.conv2):
         # Kernels 3x as large: a less trivial map (with weight norm only the scale g sets the size).
         weight = conv.scale if weight_norm else conv.kernel

@@ -12,7 +12,7 @@ import deq_jax as dj
 def cells(seed=0, **kwargs):
     """A plain cell and a weight-normed one with the same kernels."""
     plain = dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(seed), **kwargs)
-    normed = dj.nn.ResNetCell(8, 16, num_groups=4, weight_norm=True, rngs=nnx.Rngs(seed), **kwargs)
+    normed = dj.nn.ResNetCell(8, 16, num_groups=4, norm="weight", rngs=nnx.Rngs(seed), **kwargs)
     return plain, normed
 
 
@@ -105,7 +105,7 @@ def test_convolution_goes_through_conv_general_dilated():
         calls.append(args[1].shape)
         return dj.nn.cell.loop_friendly_conv(*args, **kwargs)
 
-    cell = dj.nn.ResNetCell(8, 16, num_groups=4, weight_norm=True, conv_general_dilated=spy, rngs=nnx.Rngs(0))
+    cell = dj.nn.ResNetCell(8, 16, num_groups=4, norm="weight", conv_general_dilated=spy, rngs=nnx.Rngs(0))
     cell(*inputs())
     assert calls == [(3, 3, 8, 16), (3, 3, 16, 8)]
 
@@ -128,7 +128,7 @@ def test_orbax_round_trip_of_params(tmp_path):
     with ocp.CheckpointManager(tmp_path) as manager:
         manager.save(0, args=ocp.args.StandardSave(saved))
         manager.wait_until_finished()
-    fresh = dj.nn.ResNetCell(8, 16, num_groups=4, weight_norm=True, rngs=nnx.Rngs(1))
+    fresh = dj.nn.ResNetCell(8, 16, num_groups=4, norm="weight", rngs=nnx.Rngs(1))
     with ocp.CheckpointManager(tmp_path) as manager:
         restored = manager.restore(0, args=ocp.args.StandardRestore(nnx.state(fresh, nnx.Param)))
     nnx.update(fresh, restored)

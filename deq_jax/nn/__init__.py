@@ -14,3 +14,7 @@ from .mdeq_head import MDEQClassifierHead as MDEQClassifierHead
 from .mdeq_head import MDEQStem as MDEQStem
 from .group_norm import group_norm as group_norm
 from .weight_norm import WeightNorm as WeightNorm
+from .spectral_norm import NORMS as NORMS
+from .spectral_norm import PowerIterationVector as PowerIterationVector
+from .spectral_norm import SpectralNorm as SpectralNorm
+from .spectral_norm import apply_norm as apply_norm

@@ -8,7 +8,7 @@ from flax import nnx
 from .conv import default_conv
 from .conv import loop_friendly_conv as loop_friendly_conv  # importable from here, where it used to live
 from .group_norm import GroupNorm
-from .weight_norm import WeightNorm
+from .spectral_norm import apply_norm
 
 TORCH_GROUPNORM_EPS = 1e-5  # PyTorch's default, so numbers match the chapter's code
 
@@ -38,11 +38,15 @@ class ResNetCell(nnx.Module):
         ``jax.default_backend()`` when the cell is built: :func:`loop_friendly_conv` on
         CPU, which keeps the backward solve's VJPs fast but has no forward-mode
         derivative; ``jax.lax.conv_general_dilated`` has one.
-      weight_norm: weight-normalise both convolutions, as torchdeq does by default:
-        each becomes a :class:`deq_jax.nn.WeightNorm` (kernel ``w = g * v / ||v||`` per
-        output channel; parameters ``convN.layer.kernel`` = ``v``, ``convN.scale`` =
-        ``g``), with ``g = ||v||`` at initialisation, so the cell's function is unchanged.
-      rngs: ``nnx.Rngs`` for the convolution weights.
+      norm: the kernel normalisation of both convolutions, one of :data:`deq_jax.nn.NORMS`.
+        ``"weight"``, as torchdeq does by default: each conv becomes a
+        :class:`deq_jax.nn.WeightNorm` (kernel ``w = g * v / ||v||`` per output channel;
+        parameters ``convN.layer.kernel`` = ``v``, ``convN.scale`` = ``g``), with ``g =
+        ||v||`` at initialisation, so the cell's function is unchanged. ``"spectral"``:
+        a :class:`deq_jax.nn.SpectralNorm` (each kernel divided by its largest singular
+        value, which changes the function: the N(0, 0.01) kernels grow to norm 1).
+        ``"none"`` (the default): the chapter's plain convolutions.
+      rngs: ``nnx.Rngs`` for the convolution weights (and spectral norm's vectors).
 
     Example:
       >>> import jax.numpy as jnp, deq_jax as dj
@@ -62,7 +66,7 @@ class ResNetCell(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         conv_general_dilated=None,
-        weight_norm: bool = False,
+        norm: str = "none",
         rngs: nnx.Rngs,
     ):
         for channels in (n_channels, n_inner_channels):
@@ -78,16 +82,16 @@ class ResNetCell(nnx.Module):
                 kernel_init=nnx.initializers.normal(0.01), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                 conv_general_dilated=conv_general_dilated,
             )
-            return WeightNorm(layer) if weight_norm else layer
+            return apply_norm(layer, norm, rngs=rngs)
 
-        def norm(channels):
+        def group_norm(channels):
             return GroupNorm(channels, num_groups, TORCH_GROUPNORM_EPS, dtype=dtype, param_dtype=param_dtype)
 
         self.conv1 = conv(n_channels, n_inner_channels)
         self.conv2 = conv(n_inner_channels, n_channels)
-        self.norm1 = norm(n_inner_channels)
-        self.norm2 = norm(n_channels)
-        self.norm3 = norm(n_channels)
+        self.norm1 = group_norm(n_inner_channels)
+        self.norm2 = group_norm(n_channels)
+        self.norm3 = group_norm(n_channels)
 
     def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
         """Applies the cell to the hidden state ``z`` with injection ``x`` (both NHWC), in ``dtype``."""

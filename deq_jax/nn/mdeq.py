@@ -16,7 +16,7 @@ from .._checks import check_int, check_number
 from .cell import TORCH_GROUPNORM_EPS
 from .conv import default_conv, loop_friendly_conv
 from .group_norm import GroupNorm, group_norm
-from .weight_norm import WeightNorm
+from .spectral_norm import apply_norm
 
 TORCH_DEFAULT_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 """PyTorch's default ``nn.Conv2d``/``nn.Linear`` weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -92,19 +92,19 @@ class _Layers:
         # loop_friendly_conv supports stride 1 only; strided convolutions use lax's.
         self.strided_fn = jax.lax.conv_general_dilated if self.conv_fn is loop_friendly_conv else self.conv_fn
 
-    def conv(self, cin: int, cout: int, kernel: int, *, stride: int = 1, weight_norm: bool = False):
-        """A bias-free ``kernel x kernel`` conv, padding ``kernel // 2``.
+    def conv(self, cin: int, cout: int, kernel: int, *, stride: int = 1, norm: str = "none"):
+        """A bias-free ``kernel x kernel`` conv, padding ``kernel // 2``, normalised by ``norm``.
 
         Kernel N(0, 0.01); weight-normalised, PyTorch's default init (see :class:`MDEQCell`).
         """
         pad = kernel // 2
         layer = nnx.Conv(
             cin, cout, (kernel, kernel), strides=(stride, stride), padding=[(pad, pad), (pad, pad)], use_bias=False,
-            kernel_init=TORCH_DEFAULT_INIT if weight_norm else nnx.initializers.normal(0.01),
+            kernel_init=TORCH_DEFAULT_INIT if norm == "weight" else nnx.initializers.normal(0.01),
             conv_general_dilated=self.conv_fn if stride == 1 else self.strided_fn,
             dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs,
         )
-        return WeightNorm(layer) if weight_norm else layer
+        return apply_norm(layer, norm, rngs=self.rngs)
 
     def norm(self, channels: int, groups: int, affine: bool):
         """GroupNorm with PyTorch's epsilon; without parameters unless ``affine``."""
@@ -120,11 +120,11 @@ class _Block(nnx.Module):
     """
 
     def __init__(self, channels: int, inner: int, big_kernels: int, groups: int, affine: bool, dropout: float,
-                 weight_norm: bool, layers: _Layers):
+                 norm: str, layers: _Layers):
         k1, k2 = (5 if big_kernels >= 1 else 3), (5 if big_kernels >= 2 else 3)
-        self.conv1 = layers.conv(channels, inner, k1, weight_norm=weight_norm)
+        self.conv1 = layers.conv(channels, inner, k1, norm=norm)
         self.norm1 = layers.norm(inner, groups, affine)
-        self.conv2 = layers.conv(inner, channels, k2, weight_norm=weight_norm)
+        self.conv2 = layers.conv(inner, channels, k2, norm=norm)
         self.dropout = VariationalDropout(dropout, rngs=layers.rngs)
         self.norm2 = layers.norm(channels, groups, affine)
         self.norm3 = layers.norm(channels, groups, affine)
@@ -167,8 +167,8 @@ class _Upsample(nnx.Module):
 class _PostFusion(nnx.Module):
     """``norm(conv(relu(y)))`` with a 1x1 conv (weight-normalised with the blocks)."""
 
-    def __init__(self, channels: int, groups: int, affine: bool, weight_norm: bool, layers: _Layers):
-        self.conv = layers.conv(channels, channels, 1, weight_norm=weight_norm)
+    def __init__(self, channels: int, groups: int, affine: bool, norm: str, layers: _Layers):
+        self.conv = layers.conv(channels, channels, 1, norm=norm)
         self.norm = layers.norm(channels, groups, affine)
 
     def __call__(self, y: jax.Array) -> jax.Array:
@@ -244,7 +244,9 @@ class MDEQCell(nnx.Module):
       num_groups: GroupNorm groups of blocks and fusion; ``num_groups // 2`` post fusion.
       big_kernels: 0, 1 or 2 per branch (None: zeros), the number of 5x5 convs in a block.
       dropout: :class:`VariationalDropout` rate after each block's ``conv2``, in [0, 1).
-      weight_norm: :class:`deq_jax.nn.WeightNorm` on block and post-fusion convs.
+      norm: the kernel normalisation of block and post-fusion convs, one of
+        :data:`deq_jax.nn.NORMS`: ``"none"``, ``"weight"`` (:class:`deq_jax.nn.WeightNorm`,
+        the official ``WNORM``) or ``"spectral"`` (:class:`deq_jax.nn.SpectralNorm`).
       block_affine, fuse_affine, post_affine: GroupNorm scale and bias in the blocks,
         the fusion and post fusion (``*_GN_AFFINE``); without them a norm has no parameters.
       dtype, param_dtype: as :class:`deq_jax.nn.ResNetCell` (states and ``x`` are cast
@@ -273,7 +275,7 @@ class MDEQCell(nnx.Module):
         num_groups: int = 4,
         big_kernels: Sequence[int] | None = None,
         dropout: float = 0.0,
-        weight_norm: bool = False,
+        norm: str = "none",
         block_affine: bool = True,
         fuse_affine: bool = True,
         post_affine: bool = True,
@@ -289,13 +291,13 @@ class MDEQCell(nnx.Module):
         self.channels, self.dtype = channels, dtype
         layers = _Layers(dtype, param_dtype, conv_general_dilated, rngs)
         self.branches = nnx.List([
-            nnx.List([_Block(c, m, k, num_groups, block_affine, dropout, weight_norm, layers) for _ in range(n)])
+            nnx.List([_Block(c, m, k, num_groups, block_affine, dropout, norm, layers) for _ in range(n)])
             for c, m, k, n in zip(channels, inner, big_kernels, num_blocks)
         ])
         n = len(channels)
         self.fuse = nnx.List([nnx.List([self._fusion(i, j, num_groups, fuse_affine, layers) for j in range(n)])
                               for i in range(n)] if n > 1 else [])
-        self.post = nnx.List([_PostFusion(c, num_groups // 2, post_affine, weight_norm, layers)
+        self.post = nnx.List([_PostFusion(c, num_groups // 2, post_affine, norm, layers)
                               for c in channels] if n > 1 else [])
 
     def _fusion(self, i: int, j: int, groups: int, affine: bool, layers: _Layers):

@@ -10,6 +10,20 @@ def _is_kernel(path, _):
     return path == ("kernel",)
 
 
+def check_kernel_layer(owner: str, layer: nnx.Module) -> None:
+    """Raises ``TypeError`` unless ``layer`` has a ``kernel`` ``nnx.Param``."""
+    kernel = getattr(layer, "kernel", None)
+    if not isinstance(kernel, nnx.Param):
+        raise TypeError(f"{owner}: expected a layer with a `kernel` nnx.Param, got {type(layer).__name__} "
+                        f"whose `kernel` is {type(kernel).__name__}.")
+
+
+def call_with_kernel(layer: nnx.Module, kernel: jax.Array, *args, **kwargs):
+    """Calls ``layer`` (its own ``__call__``) as if its kernel were ``kernel``, leaving the layer unchanged."""
+    graphdef, old, rest = nnx.split(layer, _is_kernel, ...)
+    return nnx.merge(graphdef, jax.tree.map(lambda _: kernel, old), rest)(*args, **kwargs)
+
+
 class WeightNorm(nnx.Module):
     """A layer whose ``kernel`` is ``w = g * v / ||v||``, per output feature.
 
@@ -52,12 +66,10 @@ class WeightNorm(nnx.Module):
     """
 
     def __init__(self, layer: nnx.Module):
-        kernel = getattr(layer, "kernel", None)
-        if not isinstance(kernel, nnx.Param):
-            raise TypeError(f"WeightNorm: expected a layer with a `kernel` nnx.Param, got {type(layer).__name__} "
-                            f"whose `kernel` is {type(kernel).__name__}.")
+        check_kernel_layer("WeightNorm", layer)
         self.layer = layer
-        self.scale = nnx.Param(self._norm(kernel[...]).astype(kernel[...].dtype))
+        kernel = layer.kernel[...]
+        self.scale = nnx.Param(self._norm(kernel).astype(kernel.dtype))
 
     @staticmethod
     def _norm(v: jax.Array) -> jax.Array:
@@ -73,6 +85,4 @@ class WeightNorm(nnx.Module):
 
     def __call__(self, *args, **kwargs):
         """Calls the wrapped layer with its kernel replaced by :meth:`kernel`."""
-        graphdef, kernel, rest = nnx.split(self.layer, _is_kernel, ...)
-        w = self.kernel()
-        return nnx.merge(graphdef, jax.tree.map(lambda _: w, kernel), rest)(*args, **kwargs)
+        return call_with_kernel(self.layer, self.kernel(), *args, **kwargs)

@@ -38,7 +38,7 @@ SETTINGS = {
     "Anderson + Phantom(1)": dict(gradient="phantom"),
     "Anderson + Phantom(5, 0.8)": dict(gradient="phantom", phantom_steps=5, phantom_damping=0.8),
     "Anderson + implicit + Jacobian reg (weight 1.0)": dict(jac_reg=1.0),
-    "Anderson + implicit + weight norm": dict(weight_norm=True),
+    "Anderson + implicit + weight norm": dict(norm="weight"),
     # The forward solve is most of a phantom step's cost: cap it (the chapter's cap is 25).
     RECOMMENDED: dict(gradient="phantom", f_max_iter=12),
 }

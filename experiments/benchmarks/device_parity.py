@@ -41,13 +41,13 @@ ROOT = Path(__file__).resolve().parents[2]
 DEVICES = 4
 BIG = 1e-3  # a gap above this is a flipped ReLU, not reduction-order noise
 TOOLKIT = dict(solver="broyden", gradient="phantom", phantom_steps=2, phantom_damping=0.8, jac_reg=0.5,
-               jac_reg_freq=1.0, weight_norm=True)
+               jac_reg_freq=1.0, norm="weight")
 ROWS = {  # name -> (Config overrides, ReLU replaced by softplus)
     "chapter (Anderson, implicit)": ({}, False),
     "+ broyden": (dict(solver="broyden"), False),
     "+ phantom (2 steps, 0.8)": (dict(gradient="phantom", phantom_steps=2, phantom_damping=0.8), False),
     "+ jac_reg 0.5 (every step)": (dict(jac_reg=0.5, jac_reg_freq=1.0), False),
-    "+ weight_norm": (dict(weight_norm=True), False),
+    "+ weight_norm": (dict(norm="weight"), False),
     "toolkit (all four)": (TOOLKIT, False),
     "toolkit, ReLU -> softplus": (TOOLKIT, True),
 }

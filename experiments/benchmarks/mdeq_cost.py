@@ -6,7 +6,7 @@ MDEQ-tiny needs. Both cells as the CIFAR-10 experiment builds them, weights at
 initialisation, at batch 32 of 32x32 images:
 
   - chapter: ``ResNetCell(48, 64)`` (``--model chapter``), state ``[B, 32, 32, 48]``;
-  - MDEQ-tiny: ``MDEQCell((24, 24), expansion=5, num_groups=8, weight_norm=True,
+  - MDEQ-tiny: ``MDEQCell((24, 24), expansion=5, num_groups=8, norm="weight",
     post_affine=False)`` (``--model mdeq-tiny``, cls_mdeq_TINY.yaml), states
     ``[B, 32, 32, 24]`` and ``[B, 16, 16, 24]``, dropout off (a fixed f).
 
@@ -61,7 +61,7 @@ def problems(batch: int, side: int) -> dict:
     key_z, key_x = jax.random.split(jax.random.key(0))
     chapter = dj.nn.ResNetCell(CHAPTER["channels"], CHAPTER["inner"], rngs=nnx.Rngs(0))
     mdeq = dj.nn.MDEQCell(MDEQ_TINY["channels"], expansion=MDEQ_TINY["expansion"], num_groups=MDEQ_TINY["num_groups"],
-                          weight_norm=True, post_affine=False, rngs=nnx.Rngs(0))
+                          norm="weight", post_affine=False, rngs=nnx.Rngs(0))
     out = {}
     for name, cell, channels in (("chapter", chapter, CHAPTER["channels"]), ("MDEQ-tiny", mdeq, MDEQ_TINY["channels"][0])):
         x = jax.random.normal(key_x, (batch, side, side, channels))

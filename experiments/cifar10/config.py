@@ -40,10 +40,10 @@ RESUMABLE_FIELDS = ("data_dir", "resume", "time_budget")
 # the defaults of MDEQ-Vision/lib/config/default.py) as this experiment's flags: DEQ.F_SOLVER/B_SOLVER ->
 # solver, F_THRES/B_THRES -> f/b_max_iter, STOP_MODE 'rel' at lib/solvers.py broyden's eps 1e-3 -> f/b_tol,
 # TRAIN.BATCH_SIZE_PER_GPU x GPUS (64 x 2, 32 x 4) -> batch_size, END_EPOCH -> epochs, LR (Adam, cosine to
-# 1e-6 over all steps) -> lr, WD -> weight_decay, MODEL.DROPOUT -> dropout, WNORM -> weight_norm,
+# 1e-6 over all steps) -> lr, WD -> weight_decay, MODEL.DROPOUT -> dropout, WNORM -> norm 'weight',
 # PRETRAIN_STEPS -> warmup_steps, NUM_LAYERS -> warmup_depth, DATASET.AUGMENT (LARGE: default.py's True).
 _MDEQ_RECIPE = dict(solver="broyden", f_max_iter=18, b_max_iter=20, f_tol=1e-3, b_tol=1e-3, batch_size=128, lr=1e-3,
-                    weight_norm=True, warmup_depth=10)
+                    norm="weight", warmup_depth=10)
 MODEL_DEFAULTS = {
     "chapter": {},
     "mdeq-tiny": dict(_MDEQ_RECIPE, epochs=50, weight_decay=2.5e-6, dropout=0.25, warmup_steps=3000, augment=False),
@@ -93,7 +93,8 @@ class Config:
                             "(%(default)s)", metavar="WEIGHT")
     jac_reg_freq: float = option(1.0, "fraction of training steps that add the Jacobian penalty, drawn per step "
                                  "from (seed, step) (%(default)s)", metavar="P")
-    weight_norm: bool = option(False, "weight-normalise the DEQ cell's convolutions")
+    norm: str = option("none", "kernel normalisation of the DEQ cell's convolutions: weight norm (g v / ||v||) "
+                       "or spectral norm (one power iteration per step) (%(default)s)", choices=dj.nn.NORMS)
     weight_decay: float = option(0.0, "L2 weight decay added to the gradient before Adam, as "
                                  "torch.optim.Adam(weight_decay=...) (%(default)s)", metavar="WD")
     dropout: float = option(0.0, "MDEQ models: the cell's variational dropout rate, one mask per example and "

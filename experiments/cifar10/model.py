@@ -56,7 +56,7 @@ class CifarDEQ(nnx.Module):
       solver: the DEQ's forward solver.
       gradient: its gradient strategy, ``dj.Implicit(backward_solver)`` or ``dj.Phantom(...)``.
       rngs: ``nnx.Rngs`` for the initial weights.
-      weight_norm: weight-normalise the cell's convolutions.
+      norm: the cell's kernel normalisation, one of ``dj.nn.NORMS``.
       channels: channels of the equilibrium state.
       inner_channels: channels inside the cell.
       num_classes: outputs of the classifier.
@@ -69,7 +69,7 @@ class CifarDEQ(nnx.Module):
       (2, 10)
     """
 
-    def __init__(self, *, solver, gradient, rngs: nnx.Rngs, weight_norm=False, channels=48, inner_channels=64,
+    def __init__(self, *, solver, gradient, rngs: nnx.Rngs, norm="none", channels=48, inner_channels=64,
                  num_classes=10, dtype=None):
         kernel_init, bias_init = torch_default_init(3 * 3 * 3)
         self.stem = nnx.Conv(
@@ -78,7 +78,7 @@ class CifarDEQ(nnx.Module):
         )
         self.norm_in = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
         self.deq = dj.nn.DEQ(
-            dj.nn.ResNetCell(channels, inner_channels, kernel_size=3, weight_norm=weight_norm, dtype=dtype, rngs=rngs),
+            dj.nn.ResNetCell(channels, inner_channels, kernel_size=3, norm=norm, dtype=dtype, rngs=rngs),
             solver=solver, gradient=gradient,
         )
         self.norm_out = nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
@@ -119,7 +119,7 @@ MDEQ_PRESETS = {
     "mdeq-large": dict(channels=(32, 64, 128, 256), head_channels=(14, 28, 56, 112), final_channels=1680,
                        dropout=0.3, stage0=True),
 }
-MDEQ_SHARED = dict(num_groups=8, expansion=5, weight_norm=True, post_affine=False)
+MDEQ_SHARED = dict(num_groups=8, expansion=5, norm="weight", post_affine=False)
 
 
 class CifarMDEQ(nnx.Module):
@@ -138,7 +138,7 @@ class CifarMDEQ(nnx.Module):
       gradient: its gradient strategy.
       rngs: ``nnx.Rngs`` for the weights and the dropout masks (its ``dropout`` stream, else ``default``).
       dropout: the cell's dropout rate; None: the preset's.
-      weight_norm: weight-normalise the cell's convolutions (the official configurations do).
+      norm: the cell's kernel normalisation, one of ``dj.nn.NORMS`` (the official configurations: ``"weight"``).
       num_classes: outputs of the classifier.
       dtype: computation dtype of every layer, e.g. ``jnp.bfloat16``; None: float32.
 
@@ -149,12 +149,12 @@ class CifarMDEQ(nnx.Module):
     """
 
     def __init__(self, preset: str, *, solver, gradient, rngs: nnx.Rngs, dropout: float | None = None,
-                 weight_norm: bool = True, num_classes: int = 10, dtype=None):
+                 norm: str = "weight", num_classes: int = 10, dtype=None):
         if preset not in MDEQ_PRESETS:
             raise ValueError(f"CifarMDEQ: preset must be one of {tuple(MDEQ_PRESETS)}, got {preset!r}.")
         spec = MDEQ_PRESETS[preset]
         channels = spec["channels"]
-        options = {**MDEQ_SHARED, "weight_norm": weight_norm}
+        options = {**MDEQ_SHARED, "norm": norm}
         self.stem = dj.nn.MDEQStem(channels[0], stage0=spec["stage0"], dtype=dtype, rngs=rngs)
         cell = dj.nn.MDEQCell(channels, dropout=spec["dropout"] if dropout is None else dropout, dtype=dtype,
                               rngs=rngs, **options)

@@ -90,7 +90,7 @@ def build_model(config: Config) -> CifarDEQ | CifarMDEQ:
     every training step (:func:`stream_key`), so its initial key does not matter.
     """
     solver, gradient = config.solver_and_gradient()
-    options = dict(solver=solver, gradient=gradient, weight_norm=config.weight_norm, dtype=DTYPES[config.dtype])
+    options = dict(solver=solver, gradient=gradient, norm=config.norm, dtype=DTYPES[config.dtype])
     if config.model == "chapter":
         return CifarDEQ(rngs=nnx.Rngs(config.seed), **options)
     return CifarMDEQ(config.model, dropout=config.dropout, rngs=nnx.Rngs(config.seed, dropout=0), **options)
