@@ -7,6 +7,8 @@ from . import nn as nn
 from ._backend import BACKEND_CHOICES as BACKEND_CHOICES
 from ._backend import BackendChoices as BackendChoices
 from ._backend import backend_choices as backend_choices
+from ._correction import fixed_point_states as fixed_point_states
+from ._correction import fp_correction as fp_correction
 from ._fixed_point import fixed_point as fixed_point
 from ._gradients import Implicit as Implicit
 from ._gradients import Phantom as Phantom

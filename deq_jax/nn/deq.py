@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .._correction import fixed_point_states
 from .._fixed_point import fixed_point
 from .._checks import check_int
 from .._gradients import Implicit, apply_steps
@@ -186,6 +187,40 @@ class DEQ(nnx.Module):
         )
         self._advance_state(solution.value, x)
         return solution
+
+    def solve_states(self, x: jax.Array, num_states: int, z0=None) -> tuple[Solution, ...]:
+        """``num_states`` states along the solve, each differentiable, for fixed-point correction.
+
+        :func:`deq_jax.fixed_point_states` on this layer's cell and settings: the
+        solver's ``max_iter`` split into ``num_states`` segments, each state
+        differentiated by the layer's gradient strategy as if it were the fixed point;
+        the last is :meth:`solve`'s answer (up to the restarts between segments). The
+        cell's state advances once, at the last state. Weigh the states' losses with
+        :func:`deq_jax.fp_correction`.
+
+        Args:
+          x: the injection.
+          num_states: states, an int in ``[1, solver.max_iter]``.
+          z0: as :meth:`solve`.
+
+        Returns:
+          A tuple of :class:`deq_jax.Solution`, earliest first.
+
+        Example:
+          >>> import jax.numpy as jnp, deq_jax as dj
+          >>> from flax import nnx
+          >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
+          >>> x = jnp.ones((2, 6, 6, 8))
+          >>> loss = lambda deq: dj.fp_correction([jnp.mean(s.value ** 2) for s in deq.solve_states(x, 2)], gamma=0.8)
+          >>> grads = nnx.grad(loss)(deq)
+        """
+        f, state = explicit_cell(self.cell)
+        states = fixed_point_states(
+            f, self.initial_state(x) if z0 is None else z0, (state, x), num_states, solver=self.solver,
+            gradient=self.gradient, backward_stats_probe=self.backward_stats[...],
+        )
+        self._advance_state(states[-1].value, x)
+        return states
 
     def unrolled(self, x: jax.Array, depth: int, z0=None):
         """The weight-tied network of depth ``depth``: the cell applied ``depth`` times, no solve.
