@@ -27,9 +27,9 @@ PER_EPOCH_FIELDS = (
     *(f"{p}_{s}" for p in ("fwd", "bwd") for s in ("steps_mean", "steps_max", "residual_mean", "residual_max")),
     "test_spectral_radius_mean", "test_spectral_radius_max", *metrics.TIMING_FIELDS,
 )
-# Every training aid at once: the chapter's recipe is the other parametrisation.
+# Every training aid at once: the chapter's recipe is the other parametrisation (weight norm: the MDEQ's).
 TOOLKIT = dict(solver="broyden", gradient="phantom", phantom_steps=2, phantom_damping=0.8, jac_reg=0.5,
-               jac_reg_freq=0.5, norm="weight")
+               jac_reg_freq=0.5, norm="spectral", fp_correction=2, fp_gamma=0.5, eval_budgets=(1, 6))
 # The MDEQ-tiny recipe (Broyden, dropout, weight norm, weight decay) with a warm-up of 4 steps: epoch 1
 # (3 steps) is all unrolled, epoch 2 switches to the equilibrium after one step. Depth 2, not the
 # recipe's 10: the unrolled step's program is the suite's largest to compile.
@@ -79,7 +79,8 @@ def test_mocked_run_writes_metrics_summary_plots_and_compiles_once(mocked_run):
     # ending inside the run, an unrolled and an equilibrium one of each; all chosen on the host.
     penalties = 1 + (config.jac_reg > 0 and config.jac_reg_freq < 1)
     modes = 1 + (config.warmup_steps > 0)
-    for name, count in (("train_step", penalties * modes), ("eval_step", modes), ("radius_step", 1)):
+    budgets = int(bool(config.eval_budgets))  # one more eval step, for every budget
+    for name, count in (("train_step", penalties * modes), ("eval_step", modes + budgets), ("radius_step", 1)):
         assert compiled.count(f"jit({name})") == count, compiled
     history = _history(workdir)
     assert [m["epoch"] for m in history] == [1, 2]
@@ -106,8 +107,12 @@ def test_mocked_run_writes_metrics_summary_plots_and_compiles_once(mocked_run):
     assert summary["exact_test_accuracy"] is None and 0 <= summary["test_accuracy"] <= 1
     assert (summary["epochs"], summary["train_examples"], summary["test_examples"]) == (2, 30, 25)
     assert summary["wall_s"] > 0 and summary["images_per_s"] > 0 and "cpu" in summary["device"]
-    for png in ("curves.png", "solver.png"):
+    for png in ("curves.png", "solver.png") + (("budget.png",) if budgets else ()):
         assert (workdir / png).read_bytes().startswith(b"\x89PNG")
+    if budgets:  # budget 1: f(z0) only; budget 6, above the training --f-max-iter 4: the ceiling was raised
+        one, six = summary["eval_budgets"]
+        assert (one["budget"], one["steps_mean"], six["budget"]) == (1, 1.0, 6) and 4 < six["steps_mean"] <= 6
+        assert all(0 <= row[k] <= 1 for row in (one, six) for k in ("test_accuracy", "converged"))
 
 
 def test_resume_reproduces_the_uninterrupted_run(mocked_run, mock_cifar10, tmp_path):
@@ -221,6 +226,14 @@ def test_a_batch_that_does_not_split_over_the_devices_is_a_clear_error():
     (["--weight-decay", "-0.001"], "--weight-decay must be a finite number >= 0"),
     (["--warmup-steps", "-1"], "--warmup-steps must be an int >= 0, got -1"),
     (["--model", "mdeq-tiny", "--warmup-depth", "0"], "--warmup-depth must be an int >= 1, got 0"),
+    (["--norm", "batch"], "invalid choice: 'batch'"),
+    (["--solver", "forward", "--damping", "0"], "--damping must be a number in (0, 1], got 0.0"),
+    (["--damping", "0.5"], "--damping must be 1 unless --solver forward (the other solvers are not damped), got 0.5"),
+    (["--fp-correction", "0"], "--fp-correction must be an int >= 1, got 0"),
+    (["--fp-correction", "30"], "--fp-correction must be at most --f-max-iter (25): each state needs one f evaluation"),
+    (["--fp-gamma", "1.2"], "--fp-gamma must be a number in (0, 1], got 1.2"),
+    (["--eval-budgets", "4,x"], "expected comma-separated ints such as 4,8,12, got '4,x'"),
+    (["--eval-budgets", "4,0"], "--eval-budgets must be ints >= 1, got (4, 0)"),
 ])
 def test_bad_flags_exit_before_anything_runs(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -275,6 +288,9 @@ def test_a_model_flag_starts_from_its_recipe_and_given_flags_override_it(tmp_pat
 
     assert config_of() == Config()  # the chapter: the field defaults
     assert config_of("--norm", "spectral").norm == "spectral" and config_of("--model", "mdeq-tiny").norm == "weight"
+    assert config_of("--eval-budgets", "4,8,50").eval_budgets == (4, 8, 50)
+    relaxed = config_of("--solver", "forward", "--damping", "0.7").solver_and_gradient()
+    assert relaxed[0].damping == relaxed[1].solver.damping == 0.7
     tiny = config_of("--model", "mdeq-tiny")
     assert tiny == Config.for_model("mdeq-tiny")
     assert (tiny.solver, tiny.f_max_iter, tiny.b_max_iter, tiny.batch_size, tiny.dropout, tiny.warmup_steps,

@@ -1,7 +1,6 @@
 """Orbax checkpoints of the experiment: one per epoch, the train state plus the config and metrics history as JSON."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -34,7 +33,7 @@ def open_manager(workdir: Path, resume: bool) -> ocp.CheckpointManager:
 
 def save(manager: ocp.CheckpointManager, epoch: int, state: dict, config: Config, history: list[dict]) -> None:
     """Saves epoch ``epoch``: every process takes part, orbax writes each one's files."""
-    meta = {"epoch": epoch, "config": dataclasses.asdict(config), "history": history}
+    meta = {"epoch": epoch, "config": config.as_json(), "history": history}
     manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 

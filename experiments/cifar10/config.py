@@ -34,7 +34,7 @@ GRADIENTS = ("implicit", "phantom")
 # Computation dtypes: parameters, solver state and the loss stay float32 (see CifarDEQ).
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 # Fields that may change between a run and its resumption without changing the result.
-RESUMABLE_FIELDS = ("data_dir", "resume", "time_budget")
+RESUMABLE_FIELDS = ("data_dir", "resume", "time_budget", "eval_budgets")
 
 # The official MDEQ recipes (locuslab/deq, MDEQ-Vision/experiments/cifar/cls_mdeq_{TINY,LARGE}.yaml and
 # the defaults of MDEQ-Vision/lib/config/default.py) as this experiment's flags: DEQ.F_SOLVER/B_SOLVER ->
@@ -49,6 +49,14 @@ MODEL_DEFAULTS = {
     "mdeq-tiny": dict(_MDEQ_RECIPE, epochs=50, weight_decay=2.5e-6, dropout=0.25, warmup_steps=3000, augment=False),
     "mdeq-large": dict(_MDEQ_RECIPE, epochs=220, weight_decay=0.0, dropout=0.3, warmup_steps=20000, augment=True),
 }
+
+
+def budget_list(text: str) -> tuple[int, ...]:
+    """``"4,8,12"`` -> ``(4, 8, 12)``: the type of ``--eval-budgets``."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 4,8,12, got {text!r}") from None
 
 
 def option(default, help: str, *, type=None, choices=None, metavar=None):  # noqa: A002 - argparse's names
@@ -81,6 +89,8 @@ class Config:
     augment: bool = option(False, "random crop (4 px zero padding) and horizontal flip of training images")
     resume: bool = option(False, "continue the run checkpointed in --workdir")
     solver: str = option("anderson", "forward and backward solver; anderson has m=5 (%(default)s)", choices=SOLVERS)
+    damping: float = option(1.0, "--solver forward only: relaxed iteration z <- B f(z) + (1 - B) z, B in (0, 1] "
+                            "(%(default)s)", metavar="B")
     f_tol: float = option(1e-2, "forward relative residual tolerance (%(default)s)")
     f_max_iter: int = option(25, "most forward f evaluations (%(default)s)")
     b_tol: float = option(1e-2, "backward relative residual tolerance, implicit gradient (%(default)s)")
@@ -89,6 +99,10 @@ class Config:
                            "(%(default)s)", choices=GRADIENTS)
     phantom_steps: int = option(1, "phantom gradient: unrolled steps (%(default)s)", metavar="K")
     phantom_damping: float = option(1.0, "phantom gradient: damping in (0, 1] (%(default)s)", metavar="T")
+    fp_correction: int = option(1, "fixed-point correction: supervise N states along the forward solve (its "
+                                "--f-max-iter split into N segments), weighted G^(N-1-k); 1 is off (%(default)s)",
+                                metavar="N")
+    fp_gamma: float = option(0.8, "fixed-point correction: the weight decay G in (0, 1] (%(default)s)", metavar="G")
     jac_reg: float = option(0.0, "weight of the Jacobian penalty ||J_f(z*)||_F^2 / D in the loss; 0 is off "
                             "(%(default)s)", metavar="WEIGHT")
     jac_reg_freq: float = option(1.0, "fraction of training steps that add the Jacobian penalty, drawn per step "
@@ -105,6 +119,9 @@ class Config:
                                metavar="D")
     dtype: str = option("float32", "computation dtype; parameters, solver state and loss stay float32 "
                         "(%(default)s)", choices=tuple(DTYPES))
+    eval_budgets: tuple[int, ...] = option((), "after the last epoch, evaluate the test set with each forward "
+                                           "budget (f evaluations), e.g. 4,8,12,25,50; into summary.json and "
+                                           "budget.png", type=budget_list, metavar="K,K,...")
     time_budget: float | None = option(None, "stop cleanly before an epoch that would end after S seconds of this "
                                        "invocation (judged by the last epoch); --resume continues",
                                        type=float, metavar="S")
@@ -120,7 +137,8 @@ class Config:
         def is_number(value):
             return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
 
-        for name in ("epochs", "batch_size", "f_max_iter", "b_max_iter", "phantom_steps", "warmup_depth"):
+        for name in ("epochs", "batch_size", "f_max_iter", "b_max_iter", "phantom_steps", "warmup_depth",
+                     "fp_correction"):
             check(name, lambda v: is_int(v) and v >= 1, "an int >= 1")
         for name in ("train_limit", "eval_limit"):
             check(name, lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 (or unset: the whole split)")
@@ -131,7 +149,14 @@ class Config:
         for field in dataclasses.fields(self):
             if field.metadata["choices"] is not None:
                 check(field.name, lambda v, c=field.metadata["choices"]: v in c, f"one of {field.metadata['choices']}")
-        check("phantom_damping", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        for name in ("phantom_damping", "damping", "fp_gamma"):
+            check(name, lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        if self.solver != "forward":
+            check("damping", lambda v: v == 1, "1 unless --solver forward (the other solvers are not damped)")
+        check("fp_correction", lambda v: v <= self.f_max_iter, f"at most --f-max-iter ({self.f_max_iter}): "
+              "each state needs one f evaluation")
+        check("eval_budgets", lambda v: isinstance(v, tuple) and all(is_int(b) and b >= 1 for b in v),
+              "ints >= 1")
         for name in ("jac_reg", "weight_decay"):
             check(name, lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         check("dropout", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
@@ -166,7 +191,7 @@ class Config:
         make = {
             "anderson": lambda tol, max_iter: dj.Anderson(m=ANDERSON_M, tol=tol, max_iter=max_iter),
             "broyden": dj.Broyden,
-            "forward": dj.ForwardIteration,
+            "forward": lambda tol, max_iter: dj.ForwardIteration(tol, max_iter, damping=self.damping),
         }[self.solver]
         if self.gradient == "phantom":
             gradient = dj.Phantom(self.phantom_steps, self.phantom_damping)
@@ -174,9 +199,13 @@ class Config:
             gradient = dj.Implicit(make(self.b_tol, self.b_max_iter))
         return make(self.f_tol, self.f_max_iter), gradient
 
+    def as_json(self) -> dict:
+        """The settings as JSON values, as ``summary.json`` and checkpoints hold them (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
     def resumable_view(self) -> dict:
         """The settings a resumed run must share with the checkpointed one (all but ``RESUMABLE_FIELDS``)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_FIELDS}
+        return {k: v for k, v in self.as_json().items() if k not in RESUMABLE_FIELDS}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -99,7 +99,11 @@ class CifarDEQ(nnx.Module):
         return self.classify(self.deq(self.inject(images, train=train)), train=train)
 
     def inject(self, images: jax.Array, *, train: bool) -> jax.Array:
-        """The DEQ's input ``x``: stem convolution and BatchNorm, [B, 32, 32, channels]."""
+        """The DEQ's input ``x``: stem convolution and BatchNorm, [B, 32, 32, channels].
+
+        Also puts the cell in ``train`` mode or not (a spectral norm's power iteration runs in training only).
+        """
+        self.deq.train() if train else self.deq.eval()
         return self.norm_in(self.stem(images), use_running_average=not train)
 
     def classify(self, z: jax.Array, *, train: bool) -> jax.Array:

@@ -72,3 +72,29 @@ def plot_history(history: list[dict], workdir: str | Path, *, f_tol: float, b_to
     fig.tight_layout()
     fig.savefig(workdir / "solver.png", dpi=100)
     plt.close(fig)
+
+
+def plot_budgets(rows: list[dict], workdir: str | Path, *, trained_with: int) -> None:
+    """Writes ``budget.png``: test accuracy (and converged fraction) against the forward budget.
+
+    Args:
+      rows: one dict per budget, as :func:`train.evaluate_budgets` returns them.
+      workdir: output folder.
+      trained_with: the training run's ``--f-max-iter``, drawn as a reference line.
+    """
+    budgets = [row["budget"] for row in rows]
+    fig, (acc_ax, steps_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    acc_ax.plot(budgets, [row["test_accuracy"] for row in rows], marker="o", label="test accuracy")
+    acc_ax.plot(budgets, [row["converged"] for row in rows], marker="s", linestyle=":", label="converged fraction")
+    steps_ax.plot(budgets, [row["steps_mean"] for row in rows], marker="o", color="C2", label="mean f evaluations")
+    steps_ax.plot(budgets, budgets, linestyle="--", color="gray", linewidth=0.8, label="budget")
+    for ax in (acc_ax, steps_ax):
+        ax.axvline(trained_with, color="C3", linestyle="--", linewidth=0.8, label="training --f-max-iter")
+        ax.set(xlabel="forward budget (f evaluations)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    acc_ax.set(ylabel="fraction", title="test-time compute: accuracy")
+    steps_ax.set(ylabel="f evaluations per example", title="f evaluations spent")
+    fig.tight_layout()
+    fig.savefig(Path(workdir) / "budget.png", dpi=100)
+    plt.close(fig)

@@ -164,11 +164,25 @@ def _solve_metrics(prefix: str, stats: dj.SolveStats | None) -> dict[str, jax.Ar
     }
 
 
+def chained_stats(solutions) -> dj.SolveStats:
+    """The statistics of one solve run as consecutive segments (:meth:`dj.nn.DEQ.solve_states`).
+
+    Steps add up per example; residuals and convergence are the last segment's.
+    """
+    steps = sum(s.num_steps for s in solutions).astype(jnp.float32)
+    last = solutions[-1].stats()
+    return last._replace(mean_steps=steps.mean(), max_steps=steps.max())
+
+
 def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: ModelDef, tx,
                config: Config, penalty: bool | None = None, warmup: bool = False) -> tuple[dict, dict]:
     """One optimizer step: forward solve, mean cross-entropy (+ Jacobian penalty), backward, Adam.
 
     The cell's dropout masks (MDEQ) come from :func:`stream_key` of the seed and the step.
+    With ``config.fp_correction = N > 1`` the loss is :func:`deq_jax.fp_correction` of the
+    cross-entropies of N states along the solve (each classified by the head, whose
+    BatchNorm statistics thus update N times per step); accuracy and the Jacobian
+    penalty are the last state's, and the forward steps count every segment.
 
     Args:
       state: ``{"params", "opt_state", "batch_stats", "step"}``.
@@ -197,12 +211,16 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
         nnx.reseed(model, dropout=stream_key(config.seed, DROPOUT_STREAM, state["step"]))
         x = model.inject(ip.normalize(images), train=True)
         if warmup:
-            z, stats = model.deq.unrolled(x, config.warmup_depth), None
+            states, stats = [model.deq.unrolled(x, config.warmup_depth)], None
         else:
-            solution = model.deq.solve(x)
-            z, stats = solution.value, solution.stats()
-        logits = model.classify(z, train=True)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            solutions = model.deq.solve_states(x, config.fp_correction)
+            states, stats = [s.value for s in solutions], chained_stats(solutions)
+        # One loss per supervised state (one without fixed-point correction), the last one's logits reported.
+        losses, logits = [], None
+        for z in states:
+            logits = model.classify(z, train=True)
+            losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+        loss, z = dj.fp_correction(losses, config.fp_gamma), states[-1]
         jac = jnp.zeros((), jnp.float32)
         if penalty:
             key = stream_key(config.seed, PENALTY_STREAM, state["step"])
@@ -234,7 +252,7 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
     return new_state, metrics
 
 
-def eval_step(state: dict, images, labels, mask, exact, *, model_def: ModelDef, config: Config,
+def eval_step(state: dict, images, labels, mask, exact, budget=None, *, model_def: ModelDef, config: Config,
               warmup: bool = False) -> dict:
     """Loss and accuracy of a padded batch with BatchNorm's running statistics.
 
@@ -246,14 +264,25 @@ def eval_step(state: dict, images, labels, mask, exact, *, model_def: ModelDef, 
       exact: bool [B], True for real examples among the bit-exact test images.
       model_def: from :func:`init_state`.
       config: the warm-up depth.
+      budget: optional traced int, the forward solve's cap on f evaluations (see
+        :meth:`deq_jax.nn.DEQ.solve`); one compiled step serves every budget.
       warmup: evaluate the unrolled network (static; during the warm-up, as the official MDEQ code).
 
     Returns:
-      Sums over the real examples: ``loss``, ``correct``, ``count``, ``exact_correct``, ``exact_count``.
+      Sums over the real examples: ``loss``, ``correct``, ``count``, ``exact_correct``,
+      ``exact_count``, and (not in the warm-up) ``steps``, ``converged``: f evaluations and
+      converged examples.
     """
     model = model_def.merge(state["params"], state["batch_stats"])
     x = model.inject(ip.normalize(images), train=False)
-    z = model.deq.unrolled(x, config.warmup_depth) if warmup else model.deq(x)
+    solves = {}
+    if warmup:
+        z = model.deq.unrolled(x, config.warmup_depth)
+    else:
+        solution = model.deq.solve(x, budget=budget)
+        z = solution.value
+        solves = {"steps": jnp.sum(solution.num_steps * mask, dtype=jnp.float32),
+                  "converged": jnp.sum(solution.converged & mask, dtype=jnp.float32)}
     logits = model.classify(z, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = logits.argmax(-1) == labels
@@ -261,6 +290,7 @@ def eval_step(state: dict, images, labels, mask, exact, *, model_def: ModelDef, 
         "loss": jnp.sum(loss * mask), "correct": jnp.sum(correct & mask, dtype=jnp.float32),
         "count": jnp.sum(mask, dtype=jnp.float32),
         "exact_correct": jnp.sum(correct & exact, dtype=jnp.float32), "exact_count": jnp.sum(exact, dtype=jnp.float32),
+        **solves,
     }
 
 

@@ -35,7 +35,8 @@ from .config import Config
 from .errors import BadInputError
 from .metrics import accumulate, epoch_line, summarize
 from .model import param_count
-from .steps import ModelDef, eval_step, in_warmup, init_state, penalty_applies, radius_step, train_step
+from .steps import (ModelDef, build_model, eval_step, in_warmup, init_state, penalty_applies, radius_step,
+                    split_model, train_step)
 
 # `sum(a.numel() for a in model.parameters())` of the chapter's model and of the official MDEQClsNet
 # for each yaml (tests/test_mdeq.py builds the official model to check the MDEQ counts).
@@ -182,6 +183,42 @@ def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray, conf
     return {**summarize(jax.device_get(total), "test_"),
             "test_spectral_radius_mean": float(radius["radius_sum"] / radius["radius_count"]),
             "test_spectral_radius_max": float(radius["radius_max"])}
+
+
+def evaluate_budgets(state: dict, split: ip.Split, config: Config, steps: Steps) -> list[dict]:
+    """The test-time-compute curve: test loss, accuracy, mean f evaluations and converged fraction per forward budget.
+
+    One eval step compiled for all of ``config.eval_budgets`` (the budget is a traced
+    argument), on a model whose solver ceiling is the largest budget (or ``f_max_iter``
+    if larger), so a budget above the training one is honoured.
+
+    Returns:
+      One dict per budget: ``budget``, ``test_loss``, ``test_accuracy``, ``steps_mean``, ``converged``.
+    """
+    ceiling = dataclasses.replace(config, f_max_iter=max(config.f_max_iter, *config.eval_budgets))
+    budget_def, _, _ = split_model(build_model(ceiling))
+    images = jax.ShapeDtypeStruct((steps.batch_size, 32, 32, 3), jnp.uint8, sharding=steps.data)
+    labels, flags = (jax.ShapeDtypeStruct((steps.batch_size,), dtype, sharding=steps.data)
+                     for dtype in (jnp.int32, jnp.bool_))
+    budget_spec = jax.ShapeDtypeStruct((), jnp.int32, sharding=steps.replicated)
+    step = jax.jit(functools.partial(eval_step, model_def=budget_def, config=config),
+                   in_shardings=(steps.replicated, *(steps.data,) * 4, steps.replicated),
+                   out_shardings=steps.replicated).lower(state, images, labels, flags, flags, budget_spec).compile()
+    rows, local_batch = [], steps.rows.stop - steps.rows.start
+    for budget in tqdm(config.eval_budgets, desc="eval budgets", leave=False, disable=not distributed.is_primary()):
+        value = jax.make_array_from_callback((), steps.replicated, lambda _, b=budget: np.int32(b))
+        total = None
+        for images, labels in ip.epoch_batches(split, steps.batch_size, rng=None, drop_remainder=False,
+                                               rows=steps.rows):
+            padded = steps.batch(*ip.pad_batch(images, labels, local_batch), np.zeros(local_batch, bool))
+            metrics = step(state, *padded, value)
+            total = metrics if total is None else accumulate(total, metrics)
+        total = jax.device_get(total)
+        rows.append({"budget": budget, "test_loss": float(total["loss"] / total["count"]),
+                     "test_accuracy": float(total["correct"] / total["count"]),
+                     "steps_mean": float(total["steps"] / total["count"]),
+                     "converged": float(total["converged"] / total["count"])})
+    return rows
 
 
 def train_epoch(steps: Steps, state: dict, split: ip.Split, config: Config, epoch: int) -> tuple[dict, dict]:
@@ -334,8 +371,12 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
         "test_examples": len(test_split), "exact_test_examples": int(exact.sum()),
         "wall_s": sum(m["epoch_s"] for m in history),
         "images_per_s": len(history) * steps_per_epoch * config.batch_size / train_s,
-        "compile_s": compile_s, "device": device, "config": dataclasses.asdict(config),
+        "compile_s": compile_s, "device": device, "config": config.as_json(),
     }
+    if config.eval_budgets:
+        summary["eval_budgets"] = evaluate_budgets(state, test_split, config, steps)
+        if distributed.is_primary():
+            plots.plot_budgets(summary["eval_budgets"], workdir, trained_with=config.f_max_iter)
     if distributed.is_primary():
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
