@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import jax
 from jax import lax
 
 from ._solution import Solution
 from ._solvers import check_solver
 from ._backend import backend_choices
 from ._checks import check_int, check_number
+from ._tree import damped_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +91,9 @@ def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom, budget=None)
     frozen_args = lax.stop_gradient(args)
     solution = solver(lambda z: f(z, frozen_args), lax.stop_gradient(z0), budget)
     z = lax.stop_gradient(solution.value)
-    tau = gradient.damping
 
     def step(_, z):
-        fz = f(z, args)
-        return fz if tau == 1 else jax.tree_util.tree_map(lambda a, b: tau * a + (1 - tau) * b, fz, z)
+        return damped_step(f(z, args), z, gradient.damping)
 
     return dataclasses.replace(solution, value=apply_steps(step, z, gradient.steps))
 

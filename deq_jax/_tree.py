@@ -1,4 +1,4 @@
-"""Flattening a batched pytree to one ``[batch, features]`` matrix and back."""
+"""Pytree helpers: flattening a batched pytree to one ``[batch, features]`` matrix and back, the damped step."""
 from __future__ import annotations
 
 from typing import Callable
@@ -33,3 +33,13 @@ def batch_ravel(tree) -> tuple[jax.Array, Callable[[jax.Array], object]]:
         )
 
     return flat, unravel
+
+
+def damped_step(fz, z, damping: float):
+    """``damping * fz + (1 - damping) * z`` leaf by leaf; ``fz`` itself (no arithmetic) when ``damping`` is 1.
+
+    The relaxed step of :class:`deq_jax.ForwardIteration` and of :class:`deq_jax.Phantom`.
+    """
+    if damping == 1:
+        return fz
+    return jax.tree_util.tree_map(lambda a, b: damping * a + (1 - damping) * b, fz, z)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_number
+from .._tree import damped_step
 from ._loop import Solver, check_solver_options, select_rows
 
 
@@ -56,5 +57,4 @@ class ForwardIteration(Solver):
 
     def record(self, next_x, k, x, fx, active) -> jax.Array:
         """Stores the running examples' next iterate: ``f(x)``, or the damped step."""
-        step = fx if self.damping == 1 else self.damping * fx + (1 - self.damping) * x
-        return select_rows(active, step, lambda: next_x)
+        return select_rows(active, damped_step(fx, x, self.damping), lambda: next_x)
