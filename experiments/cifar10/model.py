@@ -37,6 +37,15 @@ def torch_default_init(fan_in: int):
     return uniform, uniform
 
 
+def set_mode(module: nnx.Module, train: bool) -> None:
+    """Puts ``module``'s layers that keep their mode as an attribute (dropout, BatchNorm, spectral norm) in
+    training mode or evaluation mode."""
+    if train:
+        module.train()
+    else:
+        module.eval()
+
+
 class CifarDEQ(nnx.Module):
     """conv 3->48 -> BN -> DEQ(ResNetCell(48, 64)) -> BN -> AvgPool 8x8 -> Linear 768->10.
 
@@ -103,7 +112,7 @@ class CifarDEQ(nnx.Module):
 
         Also puts the cell in ``train`` mode or not (a spectral norm's power iteration runs in training only).
         """
-        self.deq.train() if train else self.deq.eval()
+        set_mode(self.deq, train)
         return self.norm_in(self.stem(images), use_running_average=not train)
 
     def classify(self, z: jax.Array, *, train: bool) -> jax.Array:
@@ -166,25 +175,18 @@ class CifarMDEQ(nnx.Module):
         self.head = dj.nn.MDEQClassifierHead(channels, spec["head_channels"], spec["final_channels"], num_classes,
                                              dtype=dtype, rngs=rngs)
 
-    def _set_mode(self, train: bool) -> None:
-        """Dropout and BatchNorm follow ``train`` (the layers keep their mode as an attribute, not an argument)."""
-        if train:
-            self.train()
-        else:
-            self.eval()
-
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         """Logits ``[B, num_classes]`` (float32) of images ``[B, 32, 32, 3]``; see :meth:`CifarDEQ.__call__`."""
         return self.classify(self.deq(self.inject(images, train=train)), train=train)
 
     def inject(self, images: jax.Array, *, train: bool) -> jax.Array:
         """The DEQ's input ``x``, ``[B, 32, 32, channels[0]]``."""
-        self._set_mode(train)
+        set_mode(self, train)
         return self.stem(images)
 
     def classify(self, z, *, train: bool) -> jax.Array:
         """Float32 logits from the equilibrium tuple ``z``."""
-        self._set_mode(train)
+        set_mode(self, train)
         logits = self.head(z)
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 

@@ -85,6 +85,12 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         )
 
 
+def batch_specs(batch_size: int, data: NamedSharding) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract ``(images, labels, flags)`` of a global batch sharded along ``data``, for compiling steps."""
+    return tuple(jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=data)
+                 for dtype, shape in ((jnp.uint8, (32, 32, 3)), (jnp.int32, ()), (jnp.bool_, ())))
+
+
 def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Mesh, total_steps: int) -> Steps:
     """Compiles the train, eval and spectral radius steps ahead of time, once.
 
@@ -110,10 +116,7 @@ def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Me
     replicated = NamedSharding(mesh, PartitionSpec())
     data = NamedSharding(mesh, PartitionSpec("data"))
 
-    def batch_spec(dtype, *shape):
-        return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=data)
-
-    images, labels, flags = batch_spec(jnp.uint8, 32, 32, 3), batch_spec(jnp.int32), batch_spec(jnp.bool_)
+    images, labels, flags = batch_specs(batch_size, data)
 
     def train_jit(warmup, penalty):
         return jax.jit(
@@ -146,6 +149,22 @@ def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Me
     )
 
 
+def eval_batches(steps: Steps, split: ip.Split, exact: np.ndarray):
+    """The split in global eval batches, the last padded: ``(images, labels, mask, exact)`` per batch.
+
+    Each process reads and feeds only its rows; ``mask`` is False for padding, ``exact``
+    True for real examples among the bit-exact test images.
+    """
+    rows = steps.rows
+    batches = ip.epoch_batches(split, steps.batch_size, rng=None, drop_remainder=False, rows=rows)
+    for i, (images, labels) in enumerate(batches):
+        # Padding fills the last batch's end, so a process's real rows come first in its block.
+        first = i * steps.batch_size + rows.start
+        is_exact = np.zeros(rows.stop - rows.start, bool)
+        is_exact[: len(labels)] = exact[first : first + len(labels)]
+        yield steps.batch(*ip.pad_batch(images, labels, len(is_exact)), is_exact)
+
+
 def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray, config: Config,
              steps_taken: int) -> dict[str, float]:
     """Test loss and accuracy over a whole split (the last batch padded), each example counted once.
@@ -165,15 +184,9 @@ def evaluate(steps: Steps, state: dict, split: ip.Split, exact: np.ndarray, conf
       spectral radius of the cell's Jacobian at the fixed points of the first
       ``RADIUS_BATCHES`` batches, ``test_spectral_radius_mean`` / ``_max``.
     """
-    total, radius, rows = None, None, steps.rows
+    total, radius = None, None
     eval_step_now = steps.eval_for(config, steps_taken)
-    batches = ip.epoch_batches(split, steps.batch_size, rng=None, drop_remainder=False, rows=rows)
-    for i, (images, labels) in enumerate(batches):
-        # Padding fills the last batch's end, so a process's real rows come first in its block.
-        first = i * steps.batch_size + rows.start
-        is_exact = np.zeros(rows.stop - rows.start, bool)
-        is_exact[: len(labels)] = exact[first : first + len(labels)]
-        images, labels, mask, is_exact = steps.batch(*ip.pad_batch(images, labels, len(is_exact)), is_exact)
+    for i, (images, labels, mask, is_exact) in enumerate(eval_batches(steps, split, exact)):
         metrics = eval_step_now(state, images, labels, mask, is_exact)
         total = metrics if total is None else accumulate(total, metrics)
         if i < RADIUS_BATCHES:
@@ -197,25 +210,21 @@ def evaluate_budgets(state: dict, split: ip.Split, config: Config, steps: Steps)
     """
     ceiling = dataclasses.replace(config, f_max_iter=max(config.f_max_iter, *config.eval_budgets))
     budget_def, _, _ = split_model(build_model(ceiling))
-    images = jax.ShapeDtypeStruct((steps.batch_size, 32, 32, 3), jnp.uint8, sharding=steps.data)
-    labels, flags = (jax.ShapeDtypeStruct((steps.batch_size,), dtype, sharding=steps.data)
-                     for dtype in (jnp.int32, jnp.bool_))
+    images, labels, flags = batch_specs(steps.batch_size, steps.data)
     budget_spec = jax.ShapeDtypeStruct((), jnp.int32, sharding=steps.replicated)
     step = jax.jit(functools.partial(eval_step, model_def=budget_def, config=config),
                    in_shardings=(steps.replicated, *(steps.data,) * 4, steps.replicated),
                    out_shardings=steps.replicated).lower(state, images, labels, flags, flags, budget_spec).compile()
-    rows, local_batch = [], steps.rows.stop - steps.rows.start
+    rows, exact = [], np.zeros(len(split), bool)  # the exact-image accuracy is not reported per budget
     for budget in tqdm(config.eval_budgets, desc="eval budgets", leave=False, disable=not distributed.is_primary()):
         value = jax.make_array_from_callback((), steps.replicated, lambda _, b=budget: np.int32(b))
         total = None
-        for images, labels in ip.epoch_batches(split, steps.batch_size, rng=None, drop_remainder=False,
-                                               rows=steps.rows):
-            padded = steps.batch(*ip.pad_batch(images, labels, local_batch), np.zeros(local_batch, bool))
-            metrics = step(state, *padded, value)
+        for batch in eval_batches(steps, split, exact):
+            metrics = step(state, *batch, value)
             total = metrics if total is None else accumulate(total, metrics)
         total = jax.device_get(total)
-        rows.append({"budget": budget, "test_loss": float(total["loss"] / total["count"]),
-                     "test_accuracy": float(total["correct"] / total["count"]),
+        means = summarize(total, "test_")
+        rows.append({"budget": budget, "test_loss": means["test_loss"], "test_accuracy": means["test_accuracy"],
                      "steps_mean": float(total["steps"] / total["count"]),
                      "converged": float(total["converged"] / total["count"])})
     return rows
