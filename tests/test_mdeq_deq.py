@@ -95,10 +95,14 @@ def test_dropout_mask_is_one_per_pass_and_new_on_the_next(x64):
 
 def test_training_aids_take_the_tuple_state(x64):
     deq = dj.nn.DEQ(small_cell(), solver=TIGHT)
-    x = injection()
-    z = deq(x)
-    penalty = deq.jacobian_penalty(x, jax.lax.stop_gradient(z), jax.random.key(0), num_vectors=2)
-    radius = deq.spectral_radius(x, z, jax.random.key(1), num_iters=30)
+
+    @nnx.jit  # one program: eagerly, every operation of the unrolled Hutchinson VJPs compiles alone
+    def aids(deq, x):
+        z = deq(x)
+        penalty = deq.jacobian_penalty(x, jax.lax.stop_gradient(z), jax.random.key(0), num_vectors=2)
+        return penalty, deq.spectral_radius(x, z, jax.random.key(1), num_iters=30)
+
+    penalty, radius = aids(deq, injection())
     assert penalty.shape == radius.shape == (2,)
     assert np.all(np.asarray(penalty) > 0) and np.all((np.asarray(radius) > 0) & (np.asarray(radius) < 1))
 

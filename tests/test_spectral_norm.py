@@ -97,8 +97,9 @@ def test_inside_a_deq_the_vectors_advance_once_per_call_and_the_solve_uses_one_s
     for name, (u, v) in stepped.items():
         getattr(twin, name).u[...], getattr(twin, name).v[...] = u, v
     solver = dj.Anderson(tol=1e-3, max_iter=30)
-    got = dj.nn.DEQ(cell, solver=solver).solve(x)
-    want = dj.nn.DEQ(twin, solver=solver).solve(x)
+    solve = nnx.jit(lambda deq: deq.solve(x))  # one program per mode; eagerly, each operation compiles alone
+    got = solve(dj.nn.DEQ(cell, solver=solver))
+    want = solve(dj.nn.DEQ(twin, solver=solver))
     np.testing.assert_array_equal(got.num_steps, want.num_steps)
     np.testing.assert_allclose(got.value, want.value, rtol=1e-4, atol=1e-5)
     for name, (u, v) in stepped.items():  # and the call advanced them by that one step
