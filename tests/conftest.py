@@ -58,21 +58,6 @@ def _compile_with_light_llvm_optimisation():
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=1".strip()
 
 
-# The files with the suite's longest tests and fixtures, longest first (a clean-clone run's
-# --durations on a 2-core AMD EPYC, 2026-12-06: the device script's dry run alone 109 s, the
-# multi-process runs 66 s, the 4-device subprocess 48 s, the mocked MDEQ run 45 s). Run first,
-# so that neither worker is left alone with one of them at the end (xdist's default order, most
-# tests first, started the dry run among the last files).
-LONGEST_FIRST = ("test_device_run.py", "test_multiprocess.py", "test_multi_device.py", "test_cifar10_train.py",
-                 "test_mdeq_deq.py", "test_benchmarks.py")
-
-
-def pytest_collection_modifyitems(items):
-    """Puts the files of :data:`LONGEST_FIRST` first, in its order; the rest, and every file's tests, keep theirs."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 def pytest_unconfigure(config):
     own = config.stash.get(_OWN_CACHE, None)
     if own is not None:
