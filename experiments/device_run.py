@@ -31,7 +31,7 @@ Usage (on the device, from the repository root)::
 
     python -m experiments.device_run --data-dir data_parts --out "$OUT" --budget 540
 
-``--dry-run`` shrinks every part (100 images, one epoch, quick benchmarks, two test
+``--dry-run`` shrinks every part (30 images, two epochs, quick benchmarks, two test
 files) so the whole script runs on a CPU in about two minutes.
 """
 from __future__ import annotations
@@ -55,8 +55,9 @@ RECIPES = {"recipe": ("cifar10", []), "recipe_mdeq": ("cifar10_mdeq", ["--model"
 KILL_GRACE_S = 10  # after SIGTERM, before SIGKILL
 RECIPE_MARGIN_S = 30  # kept from the recipe's share for its last save and summary
 BATCHES = {"speed_b100": 100, "speed_b500": 500}
-# One batch size for both: under a persistent compilation cache (the tests set one) the second part reuses the first's programs.
-DRY_RUN_BATCHES = {"speed_b100": 2, "speed_b500": 2}
+# One batch size for both: under a persistent compilation cache (the tests set one) the second part reuses the first's
+# programs; batch 4, as tests/test_benchmarks.py's quick vs_pytorch run, whose programs they are then too.
+DRY_RUN_BATCHES = {"speed_b100": 4, "speed_b500": 4}
 # vs_pytorch's deq_jax settings per speed part (its SETTINGS): all at the chapter's batch, the chapter's at 500.
 SPEED_SETTINGS = {"speed_b100": ("chapter", "recommended", "broyden"), "speed_b500": ("chapter",)}
 DRY_RUN_TESTS = ("tests/test_errors.py", "tests/test_input_pipeline.py")  # the second skips without TFDS
@@ -78,10 +79,13 @@ def part_commands(args) -> dict[str, list[str]]:
              for name in BATCHES}
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"]
     if args.dry_run:
-        tiny = ["--epochs", "1", "--train-limit", "100", "--eval-limit", "50", "--batch-size", "50",
-                "--f-max-iter", "6", "--b-max-iter", "6"]
+        # The settings of tests/test_cifar10_train.py's mocked runs (MDEQ: epoch 1 unrolled, epoch 2 switching
+        # to the equilibrium after one step), so that under the tests' shared compilation cache the dry run
+        # compiles nothing those runs compiled already.
+        tiny = ["--epochs", "2", "--train-limit", "30", "--eval-limit", "25", "--batch-size", "10",
+                "--f-max-iter", "4", "--b-max-iter", "4"]
         recipes = {name: command + tiny for name, command in recipes.items()}
-        recipes["recipe_mdeq"] += ["--warmup-steps", "1"]  # of two steps: one unrolled, one on the equilibrium
+        recipes["recipe_mdeq"] += ["--warmup-steps", "4", "--warmup-depth", "2"]
         # float32 at the chapter's settings only: the other variants are exercised by tests/test_benchmarks.py.
         speed = {name: [*command, "--quick", "--repeats", "1", "--dtypes", "float32", "--settings", "chapter"]
                  for name, command in speed.items()}

@@ -42,10 +42,21 @@ def test_dry_run_writes_every_part_without_tfds(tmp_path, write_cifar_parts):
     tests_log = (out / "tests.log").read_text()
     assert " passed" in tests_log and "1 skipped" in tests_log, tests_log[-2000:]  # test_input_pipeline: no TFDS
     markdown = (out / "report.md").read_text()
-    assert "## recipe: ok" in markdown and "projected time of all 1 epochs" in markdown and "| 1 |" in markdown
-    # MDEQ's one epoch: a step unrolled, then one on the equilibrium; the warm-up's cost was not measured alone.
+    assert "## recipe: ok" in markdown and "projected time of all 2 epochs" in markdown and "| 1 |" in markdown
+    # MDEQ's 4 warm-up steps of 3 per epoch: epoch 1 unrolled, epoch 2 on the equilibrium after one step.
     assert (out / "cifar10_mdeq" / "summary.json").is_file()
-    assert "## recipe_mdeq: ok" in markdown and "the run needs 0.5 unrolled epochs and measured none" in markdown
+    assert "## recipe_mdeq: ok" in markdown and "projected time of all 2 epochs" in markdown
+    assert "1.3 unrolled epochs at" in markdown and "0.7 equilibrium epochs at" in markdown
+
+
+def test_a_kind_of_epoch_the_run_needs_but_never_measured_gets_no_projection():
+    # One epoch of two steps, one of them unrolled: the epoch solved, so no unrolled epoch was measured alone.
+    history = [{"epoch": 1, "epoch_s": 8.0, "fwd_steps_mean": 6.0}]
+    config = {"epochs": 1, "batch_size": 50, "warmup_steps": 1}
+    assert device_run._projection(history, config, train_examples=100) == (
+        "no projection: the run needs 0.5 unrolled epochs and measured none")
+    assert device_run._projection(history, {**config, "warmup_steps": 0}, train_examples=100) == (
+        "projected time of all 1 epochs: 0.1 min (1.0 equilibrium epochs at 8.0 s)")
 
 
 def test_a_part_past_its_share_is_cut_off_and_reported(tmp_path):
