@@ -8,11 +8,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from ._gradients import Implicit, Phantom, check_gradient, phantom_solve
 from ._solution import NUM_STATS, Solution
 from ._solvers import Anderson, check_solver
 from ._solvers._loop import budget_per_example, check_problem
+from ._tracing import tracing_tangents
 
 
 def fixed_point(
@@ -92,22 +95,26 @@ def fixed_point(
         return phantom_solve(f, z0, args, solver, gradient, limit)
     backward_solver = solver if gradient.solver is None else gradient.solver
     closed_f, consts = jax.closure_convert(f, z0, args)
+    # f once more for its JVPs, traced so that every operation has one (see _tracing.py); a new
+    # function object, since closure_convert caches its trace by function.
+    with tracing_tangents():
+        tangent_f, tangent_consts = jax.closure_convert(lambda z, a: f(z, a), z0, args)
 
     def explicit_f(z, all_args):
         return closed_f(z, all_args[0], *all_args[1])
 
-    return _implicit_solve(explicit_f, solver, backward_solver, z0, (args, consts), backward_stats_probe, limit)
+    def explicit_tangent_f(z, all_args):
+        return tangent_f(z, all_args[0], *all_args[2])
+
+    return _implicit_solve((explicit_f, explicit_tangent_f), solver, backward_solver, z0,
+                           (args, consts, tangent_consts), backward_stats_probe, limit)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _implicit_solve(f, solver, backward_solver, z0, args, probe, limit):
-    del backward_solver, probe
-    return solver(lambda z: f(z, args), z0, limit)
-
-
-def _implicit_solve_fwd(f, solver, backward_solver, z0, args, probe, limit):
-    solution = _implicit_solve(f, solver, backward_solver, z0, args, probe, limit)
-    return solution, (solution.value, args, probe, limit)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _implicit_solve(fs, solver, linear_solver, z0, args, probe, limit):
+    """The forward solve of ``fs[0]``; ``fs[1]`` is the same ``f`` in its differentiable-in-forward-mode form."""
+    del linear_solver, probe
+    return solver(lambda z: fs[0](z, args), z0, limit)
 
 
 def _batch_norms(tree) -> jax.Array:
@@ -123,14 +130,16 @@ def _scale_rows(tree, factor: jax.Array):
         lambda leaf: leaf * factor.astype(leaf.dtype).reshape(factor.shape + (1,) * (leaf.ndim - 1)), tree)
 
 
-def solve_transposed(vjp_z: Callable, y, z_star, solver) -> Solution:
-    """Solves the backward system ``g = J^T g + y`` per example, with ``y`` at the scale of ``z*``.
+def solve_linear(apply_j: Callable, y, z_star, solver) -> Solution:
+    """Solves a linear fixed point ``u = J u + y`` per example, with ``y`` at the scale of ``z*``.
 
-    The system is linear, so it is solved for ``y`` rescaled to each example's
+    The implicit gradient's two systems have this form: the backward one with
+    ``apply_j = J_f(z*)^T`` (VJPs), forward mode's tangent one with ``apply_j = J_f(z*)``
+    (JVPs). The system is linear, so it is solved for ``y`` rescaled to each example's
     ``||z*||`` and the solution scaled back: the same answer, and every stopping rule
     is unchanged (the residual is relative), but Anderson's ridge ``lam``, an absolute
-    number, then weighs on the backward iterates as it does on the forward ones. On
-    the raw ``y`` of the chapter's CIFAR-10 model (per-example norm 2.3e-3 against
+    number, then weighs on these iterates as it does on the forward ones. On the raw
+    backward ``y`` of the chapter's CIFAR-10 model (per-example norm 2.3e-3 against
     ``||z*||`` = 222, batch 32 of CIFAR-10 images at initialisation) the ridge swamps
     the Gram matrix: Anderson ends all 25 steps at residual 0.029 (mean), worse than
     forward iteration (16.6 steps, 94% converged); on the rescaled ``y`` it needs 7.0
@@ -138,30 +147,82 @@ def solve_transposed(vjp_z: Callable, y, z_star, solver) -> Solution:
     On the chapter's demo problem ``||y|| ~ ||z*||`` already, and nothing changes.
 
     Args:
-      vjp_z: ``g -> J_f(z*)^T g``, the VJP of ``f`` w.r.t. ``z`` at the fixed point.
-      y: the cotangent of ``z*``, a pytree with a leading batch axis.
+      apply_j: ``u -> J u``, linear, batched like ``z*``.
+      y: the right-hand side, a pytree with a leading batch axis.
       z_star: the fixed point, whose per-example norms set the scale.
-      solver: the backward solver.
+      solver: the linear system's solver.
 
     Returns:
-      The backward :class:`Solution`; ``value`` is ``g`` for the original ``y``.
+      The :class:`Solution` of the linear system; ``value`` is ``u`` for the original ``y``.
     """
     y_norm, z_norm = _batch_norms(y), _batch_norms(z_star)
-    # y = 0 has g = 0 at any scale; z* = 0 gives no scale to match.
+    # y = 0 has u = 0 at any scale; z* = 0 gives no scale to match.
     factor = jnp.where(z_norm > 0, z_norm, 1) / jnp.where(y_norm > 0, y_norm, 1)
     scaled_y = _scale_rows(y, factor)
-    solution = solver(lambda g: jax.tree_util.tree_map(jnp.add, vjp_z(g), scaled_y), scaled_y)
+    solution = solver(lambda u: jax.tree_util.tree_map(jnp.add, apply_j(u), scaled_y), scaled_y)
     return dataclasses.replace(solution, value=_scale_rows(solution.value, 1 / factor))
 
 
-def _implicit_solve_bwd(f, solver, backward_solver, residuals, cotangent: Solution):
-    z_star, args, probe, limit = residuals
-    _, vjp = jax.vjp(f, z_star, args)  # the one f evaluation of the backward pass
-    g = solve_transposed(lambda g: vjp(g)[0], cotangent.value, z_star, backward_solver)
-    _, args_bar = vjp(g.value)
-    z0_bar = jax.tree_util.tree_map(jnp.zeros_like, z_star)
-    limit_bar = np.zeros(limit.shape, jax.dtypes.float0)  # an integer input has no cotangent
-    return z0_bar, args_bar, g.stats().to_array().astype(probe.dtype), limit_bar
+def _zero_tangent_like(primal):
+    """A zero tangent for ``primal``: zeros of its dtype, or float0 for an integer or bool array."""
+    if jnp.issubdtype(jnp.result_type(primal), jnp.inexact):
+        return jnp.zeros(jnp.shape(primal), jnp.result_type(primal))
+    return np.zeros(jnp.shape(primal), jax.dtypes.float0)
 
 
-_implicit_solve.defvjp(_implicit_solve_fwd, _implicit_solve_bwd)
+def _concrete(tangents, primals):
+    """``tangents`` with every ``SymbolicZero`` made a concrete zero tangent."""
+    return jax.tree_util.tree_map(lambda t, p: _zero_tangent_like(p) if isinstance(t, SymbolicZero) else t,
+                                  tangents, primals, is_leaf=lambda t: isinstance(t, SymbolicZero))
+
+
+@functools.partial(_implicit_solve.defjvp, symbolic_zeros=True)
+def _implicit_solve_jvp(fs, solver, linear_solver, primals, tangents):
+    """``z*``'s tangent ``t`` solves ``t = J_f(z*) t + (df/dargs) args_dot``, a ``lax.custom_linear_solve``.
+
+    Forward mode runs ``tangent_solve``: JVPs of ``f``'s tangent form ``fs[1]`` (traced with
+    :func:`tracing_tangents`, so that every operation has a JVP), rescaled like the
+    backward system. Reverse mode transposes this rule: the right-hand side becomes one VJP
+    w.r.t. the arguments, and the linear solve becomes ``backward_solve``, the backward
+    solve ``g = J_f(z*)^T g + y`` with VJPs of ``fs[0]`` (fast reverse-mode forms). Each
+    linearises ``f`` at ``z*``, the right-hand side once more: two f evaluations in the
+    program, the same operations on the same operands, which XLA merges into one
+    (``tests/test_fixed_point.py`` counts the compiled convolutions). The probe's tangent
+    rides along as a second, identity block of the system, whose transpose returns the
+    backward solve's statistics: the probe's gradient.
+    """
+    z0, args, probe, limit = primals
+    _, args_dot, probe_dot, _ = tangents
+    f, tangent_f = fs
+    solution = _implicit_solve(fs, solver, linear_solver, z0, args, probe, limit)
+    z_star = solution.value
+    if not all(isinstance(t, SymbolicZero) for t in jax.tree_util.tree_leaves(args_dot)):
+        _, rhs = jax.jvp(lambda a: tangent_f(z_star, a), (args,), (_concrete(args_dot, args),))
+    elif not isinstance(probe_dot, SymbolicZero):
+        # z* does not move, but the probe's gradient is still the backward solve's statistics: a
+        # zero right-hand side that is linear in the probe's tangent, as a transposable one must be.
+        rhs = jax.tree_util.tree_map(lambda z: jnp.zeros_like(z) * probe_dot[0].astype(z.dtype), z_star)
+    else:
+        return solution, jax.tree_util.tree_map(_zero_tangent_like, solution)  # only z0 moves
+
+    def tangent_solve(_, b):  # linearised here, not in the rule: reverse mode never runs it
+        _, linear_f = jax.linearize(lambda z: tangent_f(z, args), z_star)
+        return solve_linear(linear_f, b, z_star, linear_solver).value
+
+    def backward_solve(_, y):
+        _, vjp_z = jax.vjp(lambda z: f(z, args), z_star)  # the one f evaluation of the backward pass
+        return solve_linear(lambda g: vjp_z(g)[0], y, z_star, linear_solver)
+
+    def operator(t):  # (I - J_f(z*)) t, the system's matrix in custom_linear_solve's A x = b
+        return jax.tree_util.tree_map(jnp.subtract, t, jax.jvp(lambda z: tangent_f(z, args), (z_star,), (t,))[1])
+
+    if isinstance(probe_dot, SymbolicZero):
+        t = lax.custom_linear_solve(operator, rhs, tangent_solve, lambda _, y: backward_solve(_, y).value)
+    else:
+        def backward_solve_with_stats(_, b):
+            g = backward_solve(_, b[0])
+            return g.value, g.stats().to_array().astype(probe.dtype)
+
+        t, _ = lax.custom_linear_solve(lambda b: (operator(b[0]), b[1]), (rhs, probe_dot),
+                                       lambda _, b: (tangent_solve(_, b[0]), b[1]), backward_solve_with_stats)
+    return solution, dataclasses.replace(jax.tree_util.tree_map(_zero_tangent_like, solution), value=t)

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import deq_jax as dj
-from deq_jax._fixed_point import solve_transposed
+from deq_jax._fixed_point import solve_linear
 from experiments.benchmarks.common import REFERENCE, load_reference, relative_diff
 
 TOL = 1e-4
@@ -163,7 +163,7 @@ def explicit_backward(f, solver, z_star, args, y):
       ``dj.fixed_point`` runs) and the gradient ``(d f / d args)^T g``.
     """
     _, vjp = jax.vjp(f, z_star, args)
-    solution = solve_transposed(lambda g: vjp(g)[0], y, z_star, solver)
+    solution = solve_linear(lambda g: vjp(g)[0], y, z_star, solver)
     return solution, vjp(solution.value)[1]
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._backend import backend_choices
+from .._tracing import tangents_traced
 
 
 def _plain_conv(lhs, rhs, padding, dimension_numbers, precision):
@@ -70,9 +71,12 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
     step) but slow on XLA:CPU inside one: backprop through many unrolled cells, where
     every step needs it, is slow on CPU either way.
 
-    It is a ``jax.custom_vjp``: reverse mode and ``vmap`` work, forward mode
-    (``jax.jvp``, ``jax.jacfwd``, optimistix's ``ImplicitAdjoint``) does not; give such
-    code a cell built with ``conv_general_dilated=jax.lax.conv_general_dilated``.
+    It is a ``jax.custom_vjp``: reverse mode and ``vmap`` work, forward mode does not,
+    except where :func:`deq_jax.fixed_point` traces its tangent computations (its implicit
+    gradient's forward mode: there this function traces ``lax.conv_general_dilated``
+    itself). Forward mode through anything else built on it (``jax.jvp`` of a bare cell,
+    optimistix's ``ImplicitAdjoint``, :class:`deq_jax.Phantom`) needs a cell built with
+    ``conv_general_dilated=jax.lax.conv_general_dilated``.
 
     Args:
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -103,6 +107,8 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
         )
     dimension_numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if tangents_traced():
+        return _plain_conv(lhs, rhs, padding, dimension_numbers, precision)
     return _conv(lhs, rhs, padding, dimension_numbers, precision)
 
 

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 import deq_jax as dj
-from deq_jax._fixed_point import solve_transposed
+from deq_jax._fixed_point import solve_linear
 from experiments.cifar10.input_pipeline import normalize
 from experiments.cifar10.model import CifarDEQ
 
@@ -62,7 +62,7 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
         "Anderson, raw y (the chapter's)": raw(anderson),
         "Anderson lam=1e-8, raw y": raw(dj.Anderson(m=5, lam=1e-8, tol=TOL, max_iter=MAX_ITER)),
         "forward iteration, raw y": raw(dj.ForwardIteration(tol=TOL, max_iter=MAX_ITER)),
-        "Anderson, y rescaled to the norm of z* (deq_jax)": solve_transposed(vjp_z, y, z_star, anderson),
+        "Anderson, y rescaled to the norm of z* (deq_jax)": solve_linear(vjp_z, y, z_star, anderson),
     }
     rows = []
     for name, solution in solves.items():
