@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 from jax import lax
+from jax._src.interpreters import ad  # JVPTracer: nothing public tells jax.jvp's tracers from jax.grad's
 
 from ._solution import Solution
 from ._solvers import check_solver
@@ -82,12 +84,29 @@ def check_gradient(gradient) -> None:
         )
 
 
+def _carries_forward_tangent(value) -> bool:
+    """Whether ``value`` is (or wraps) a tracer of ``jax.jvp``: forward mode, not ``jax.grad``.
+
+    Reverse mode, with JAX's direct linearisation (its default), traces with other tracers;
+    a ``vmap`` tracer (``jax.jacfwd`` batches ``jax.jvp``) may hold a jvp one among its parts.
+    """
+    if not jax.config.jax_use_direct_linearize or not isinstance(value, jax.core.Tracer):
+        return False
+    return isinstance(value, ad.JVPTracer) or any(
+        _carries_forward_tangent(part) for _, part in value._contents())
+
+
 def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom, budget=None) -> Solution:
     """The forward solve (under ``budget``) without gradient, then ``gradient.steps`` differentiated damped steps.
 
     Returns:
       The solver's :class:`Solution` with ``value`` replaced by the last unrolled state.
     """
+    if any(_carries_forward_tangent(leaf) for leaf in jax.tree_util.tree_leaves(args)):
+        raise TypeError(
+            "fixed_point: Phantom gradients are reverse-mode only (jax.grad, jax.vjp, jax.jacrev); for "
+            "jax.jvp, jax.jacfwd or jax.hessian use gradient=Implicit()."
+        )
     frozen_args = lax.stop_gradient(args)
     solution = solver(lambda z: f(z, frozen_args), lax.stop_gradient(z0), budget)
     z = lax.stop_gradient(solution.value)
