@@ -37,7 +37,8 @@ def fixed_point(
     evaluation; solved for ``y`` rescaled to the size of ``z*``, so that Anderson's
     absolute ridge does not depend on the loss's scale), and returns
     ``(d f / d args)^T g``. The chapter's layer spends two f evaluations beyond its
-    solver; this spends one. With ``gradient=Phantom(steps, damping)`` the value is
+    solver; this spends one. Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``)
+    solves the tangent system ``t = J_f(z*) t + (d f / d args) v`` the same way, with JVPs. With ``gradient=Phantom(steps, damping)`` the value is
     the last of ``steps`` damped steps from ``z*``, differentiated by backprop through
     those steps only (see :class:`Phantom`).
 

@@ -19,8 +19,11 @@ from ._tree import damped_step
 class Implicit:
     """Exact gradients by the implicit function theorem (the default).
 
-    The backward pass solves ``g = J_f(z*)^T g + y`` with ``solver`` (VJPs only, one
-    linearisation of ``f`` at ``z*``), then takes one VJP w.r.t. the arguments.
+    Reverse mode (``jax.grad``, ``jax.vjp``) solves ``g = J_f(z*)^T g + y`` with
+    ``solver`` (VJPs only, one linearisation of ``f`` at ``z*``), then takes one VJP
+    w.r.t. the arguments. Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``)
+    solves the tangent system ``t = J_f(z*) t + (df/dargs) v`` with ``solver`` (JVPs) at
+    the same cost.
 
     Args:
       solver: the backward solver; None uses the forward one.
@@ -53,7 +56,8 @@ class Phantom:
     loop; compile time then grows with ``steps``), else run by ``lax.fori_loop``.
 
     Cost: ``steps`` f evaluations beyond the solve, ``steps`` VJPs backward, and the
-    activations of ``steps`` evaluations in memory.
+    activations of ``steps`` evaluations in memory. Reverse mode only: ``jax.jvp`` and
+    ``jax.jacfwd`` through it raise a ``TypeError`` naming :class:`Implicit` instead.
 
     Args:
       steps: unrolled steps, an int >= 1.

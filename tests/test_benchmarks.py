@@ -292,3 +292,12 @@ def test_train_settings_are_one_cache_key_in_any_order():
     assert common.train_settings(pairs) == common.train_settings(dict(reversed(pairs))) == (
         ("f_max_iter", 12), ("gradient", "phantom"))
     hash(common.train_settings(pairs))  # lru_cache needs it
+
+
+def test_forward_mode():
+    from experiments.benchmarks import forward_mode
+
+    result = forward_mode.run(quick=True, repeats=1)
+    check_table(result, columns=3)
+    assert [r["workload"].split(":")[0] for r in result.rows] == ["forward solve", "reverse mode", "forward mode"]
+    assert result.rows[0]["vs_forward"] == 1 and all(positive(r["ms"]) for r in result.rows)
