@@ -33,39 +33,52 @@ TOL, MAX_ITER = 1e-2, 25
 
 
 def backward_problem(batch_size: int):
-    """``(vjp_z, y, z_star)`` of the CIFAR-10 model's DEQ at initialisation on real images."""
+    """``(f, cell_state, x, y, z_star)`` of the CIFAR-10 model's DEQ at initialisation on real images.
+
+    ``f(z, cell_state, x)`` is the cell; ``y`` the loss's cotangent at ``z*``.
+    """
     solver = dj.Anderson(m=5, tol=TOL, max_iter=MAX_ITER)
     model = CifarDEQ(solver=solver, gradient=dj.Implicit(), rngs=nnx.Rngs(0))
     (images, labels), = common.cifar_batches(batch_size, 1)[0]
-    x = model.inject(jnp.asarray(normalize(images)), train=True)
-    cell_def, cell_state = nnx.split(model.deq.cell)
-    f = lambda z: nnx.merge(cell_def, cell_state)(z, x)
-    z_star = solver(f, jnp.zeros_like(x)).value
     model_def, model_state = nnx.split(model)
+    cell_def, cell_state = nnx.split(model.deq.cell)
+    f = lambda z, cell_state, x: nnx.merge(cell_def, cell_state)(z, x)
 
-    def loss(z):
-        logits = nnx.merge(model_def, model_state, copy=True).classify(z, train=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
+    @jax.jit  # one program: op by op, each small operation would compile on its own
+    def solve_and_differentiate(model_state, cell_state, images, labels):
+        model = lambda: nnx.merge(model_def, model_state, copy=True)  # a copy per trace level: BatchNorm writes
+        x = model().inject(images, train=True)
+        z_star = solver(lambda z: f(z, cell_state, x), jnp.zeros_like(x)).value
+        loss = lambda z: optax.softmax_cross_entropy_with_integer_labels(model().classify(z, train=True), labels).mean()
+        return x, jax.grad(loss)(z_star), z_star
 
-    _, vjp = jax.vjp(f, z_star)
-    return (lambda g: vjp(g)[0]), jax.grad(loss)(z_star), z_star
+    x, y, z_star = solve_and_differentiate(model_state, cell_state, jnp.asarray(normalize(images)), jnp.asarray(labels))
+    return f, cell_state, x, y, z_star
 
 
 def run(quick: bool = False, repeats: int | None = None) -> common.Result:
     """Solves the backward system four ways and tabulates steps and residuals."""
     del repeats  # step counts, not times
     before = common.load()
-    vjp_z, y, z_star = backward_problem(BATCH["quick" if quick else "full"])
+    f, cell_state, x, y, z_star = backward_problem(BATCH["quick" if quick else "full"])
     anderson = dj.Anderson(m=5, tol=TOL, max_iter=MAX_ITER)
-    raw = lambda solver: solver(lambda g: vjp_z(g) + y, y)
-    solves = {
+
+    raw = lambda solver: lambda vjp_z, y, z_star: solver(lambda g: vjp_z(g) + y, y)
+    solvers = {
         "Anderson, raw y (the chapter's)": raw(anderson),
         "Anderson lam=1e-8, raw y": raw(dj.Anderson(m=5, lam=1e-8, tol=TOL, max_iter=MAX_ITER)),
         "forward iteration, raw y": raw(dj.ForwardIteration(tol=TOL, max_iter=MAX_ITER)),
-        "Anderson, y rescaled to the norm of z* (deq_jax)": solve_linear(vjp_z, y, z_star, anderson),
+        "Anderson, y rescaled to the norm of z* (deq_jax)": lambda vjp_z, y, z_star: solve_linear(vjp_z, y, z_star, anderson),
     }
+
+    @jax.jit  # one program, not op by op
+    def backward_solves(cell_state, x, y, z_star):
+        _, vjp = jax.vjp(lambda z: f(z, cell_state, x), z_star)
+        return [solve(lambda g: vjp(g)[0], y, z_star) for solve in solvers.values()]
+
+    solves = zip(solvers, backward_solves(cell_state, x, y, z_star))
     rows = []
-    for name, solution in solves.items():
+    for name, solution in solves:
         stats = jax.device_get(solution.stats())
         rows.append({"solve": name, **{k: float(v) for k, v in stats._asdict().items()}})
     table = common.markdown_table(
