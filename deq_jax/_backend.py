@@ -68,7 +68,7 @@ def backend_choices(backend: str | None = None) -> BackendChoices:
 
     A backend not in :data:`BACKEND_CHOICES` gets the plain forms, ``BackendChoices()``.
 
-    Example:
+    Examples:
       >>> import deq_jax as dj
       >>> dj.backend_choices("cpu").conv, dj.backend_choices("some_plugin").conv
       ('loop_friendly', 'lax')

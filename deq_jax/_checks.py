@@ -11,7 +11,7 @@ def _is_number(value) -> bool:
 def check_int(owner: str, minimum: int = 1, **values) -> None:
     """Raises ``ValueError`` for an option that is not an int ``>= minimum`` (bools are not ints here).
 
-    Example:
+    Examples:
       >>> check_int("Anderson", m=5, max_iter=25)
       >>> check_int("Phantom", steps=0)
       Traceback (most recent call last):
@@ -33,7 +33,7 @@ def check_number(owner: str, name: str, value, *, low: float = 0.0, high: float 
       value: what came in.
       low, high: the interval's ends; ``low_open``/``high_open`` leave an end out.
 
-    Example:
+    Examples:
       >>> check_number("Phantom", "damping", 1.5, high=1.0, high_open=False)
       Traceback (most recent call last):
       ...

@@ -58,7 +58,7 @@ def fixed_point_states(
       A tuple of ``num_states`` :class:`deq_jax.Solution`, earliest first; each ``value``
       is differentiable w.r.t. ``args``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> f = lambda z, a: jnp.tanh(a * z + 1.0)
       >>> states = dj.fixed_point_states(f, jnp.zeros((2, 3)), 0.5, 3, solver=dj.Anderson(max_iter=12))
@@ -87,7 +87,7 @@ def fp_correction(losses: Sequence, gamma: float = 0.8):
     Returns:
       The weighted sum.
 
-    Example:
+    Examples:
       >>> float(fp_correction([1.0, 1.0, 1.0], gamma=0.5))
       1.75
     """

@@ -74,7 +74,7 @@ def fixed_point(
       The forward :class:`Solution` (for :class:`Phantom`, ``value`` is the last unrolled
       state); ``value`` is differentiable w.r.t. ``args``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, deq_jax as dj
       >>> f = lambda z, a: jnp.tanh(a * z + 1.0)
       >>> loss = lambda a: dj.fixed_point(f, jnp.zeros((2, 3)), a, solver=dj.Anderson(tol=1e-6)).value.sum()

@@ -28,7 +28,7 @@ class Implicit:
     Args:
       solver: the backward solver; None uses the forward one.
 
-    Example:
+    Examples:
       >>> import deq_jax as dj
       >>> dj.Implicit(dj.ForwardIteration(tol=1e-3, max_iter=40)).solver.max_iter
       40
@@ -63,7 +63,7 @@ class Phantom:
       steps: unrolled steps, an int >= 1.
       damping: in (0, 1]; 1 is undamped.
 
-    Example:
+    Examples:
       >>> import deq_jax as dj
       >>> dj.Phantom(steps=5, damping=0.8)
       Phantom(steps=5, damping=0.8)

@@ -86,7 +86,7 @@ def jacobian_penalty(f: Callable, z, args, key, num_vectors: int = 1) -> jax.Arr
     Returns:
       ``[B]`` in ``z``'s dtype.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, deq_jax as dj
       >>> f = lambda z, w: jnp.tanh(z @ w)
       >>> dj.jacobian_penalty(f, jnp.zeros((2, 3)), 0.5 * jnp.eye(3), jax.random.key(0), num_vectors=4).shape
@@ -146,7 +146,7 @@ def spectral_radius(f: Callable, z, args, key, num_iters: int = 100) -> jax.Arra
     Returns:
       ``[B]``, the estimated ``max |eigenvalue|`` of each example's Jacobian.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, deq_jax as dj
       >>> f = lambda z, w: jnp.tanh(z @ w)
       >>> r = dj.spectral_radius(f, jnp.zeros((2, 3)), jnp.diag(jnp.array([0.9, 0.5, 0.1])), jax.random.key(0))

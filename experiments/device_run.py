@@ -13,7 +13,7 @@ its output in ``<out>/<part>.log``:
    step, deq_jax against the chapter's PyTorch code on the same device, in float32 and
    bfloat16, with both convolution forms (4 compiled steps per batch size), at batch 100,
    then at batch 500 (two parts, so a cut-off second still leaves the first). At batch
-   100, the chapter's, deq_jax also runs the README's recommended setting and Broyden in
+   100, the chapter's, deq_jax also runs the recommended setting (docs/benchmarks.md, Q8) and Broyden in
    the same rounds (2 more compiled steps): the headline ratios, side by side on the device.
 3. ``tests``: the test suite (TFDS-only tests skip where TFDS is absent).
 

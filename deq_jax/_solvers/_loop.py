@@ -42,7 +42,7 @@ class Solver(abc.ABC):
     stopped example stays frozen and an example solved alone or in a batch gets the
     same iterates.
 
-    Example:
+    Examples:
       >>> import dataclasses, jax.numpy as jnp, deq_jax as dj
       >>> @dataclasses.dataclass(frozen=True)
       ... class Damped(dj.Solver):

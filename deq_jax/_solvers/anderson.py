@@ -79,7 +79,7 @@ class Anderson(Solver):
       tol: relative residual ``||f(z)-z|| / (||f(z)|| + 1e-5)`` at which an example stops.
       max_iter: most f evaluations per example; the chapter's ``max_iter`` means the same.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> sol = dj.Anderson(tol=1e-6)(lambda z: 0.5 * z + 1.0, jnp.zeros((3, 4)))
       >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 4)

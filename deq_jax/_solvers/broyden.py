@@ -163,7 +163,7 @@ class Broyden(Solver):
         16: 0.999-1.000. At tol 1e-2 every memory from 6 took the same steps as all kept, and
         backward solves took the same steps for every memory from 4.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> sol = dj.Broyden(tol=1e-6)(lambda z: jnp.cos(z), jnp.zeros((2, 3)))
       >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 4)
@@ -187,7 +187,7 @@ class Broyden(Solver):
         two f evaluations are never used by a proposal). It depends on the example's size,
         never on the batch's, so an example solved alone or in a batch keeps as many.
 
-        Example:
+        Examples:
           >>> import jax.numpy as jnp, deq_jax as dj
           >>> dj.Broyden(max_iter=25).memory_for(32 * 32 * 48, jnp.float32)  # the CIFAR cell
           6

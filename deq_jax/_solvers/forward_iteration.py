@@ -29,7 +29,7 @@ class ForwardIteration(Solver):
         ``max_iter + 1``).
       damping: the weight of ``f(z)`` in each step, in (0, 1].
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> sol = dj.ForwardIteration(tol=1e-6, max_iter=100)(lambda z: 0.5 * z + 1.0, jnp.zeros((2, 3)))
       >>> bool(sol.converged.all()), int(sol.num_steps[0]) > 10

@@ -48,7 +48,7 @@ class ResNetCell(nnx.Module):
         ``"none"`` (the default): the chapter's plain convolutions.
       rngs: ``nnx.Rngs`` for the convolution weights (and spectral norm's vectors).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> from flax import nnx
       >>> cell = dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0))

@@ -79,16 +79,17 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
     ``conv_general_dilated=jax.lax.conv_general_dilated``.
 
     Args:
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, precision: as ``lax.conv_general_dilated``; strides and
-        dilations must be 1, padding a sequence of ``(low, high)`` pairs, one group.
+      lhs, rhs, dimension_numbers, precision: as ``lax.conv_general_dilated``.
+      window_strides, lhs_dilation, rhs_dilation: all 1 (or None for the dilations).
+      padding: a sequence of ``(low, high)`` pairs.
+      feature_group_count: 1.
       **kwargs: ``out_sharding`` and ``preferred_element_type`` (what ``nnx.Conv``
         passes) must be None.
 
     Returns:
       The convolution, as ``lax.conv_general_dilated`` returns it.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> conv = nnx.Conv(2, 3, (3, 3), padding=[(1, 1), (1, 1)], conv_general_dilated=loop_friendly_conv,
@@ -129,7 +130,7 @@ def default_conv(backend: str | None = None):
       A function with ``lax.conv_general_dilated``'s signature; a backend not in the
       table gets ``lax.conv_general_dilated``, which supports every option.
 
-    Example:
+    Examples:
       >>> default_conv("cpu") is loop_friendly_conv
       True
     """

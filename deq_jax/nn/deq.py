@@ -39,7 +39,7 @@ def split_backward_stats(grads: nnx.State) -> tuple[nnx.State, dict[str, SolveSt
       itself). With :class:`deq_jax.Phantom`, which solves nothing backward, the
       statistics are zeros.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> from flax import nnx
       >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
@@ -76,7 +76,7 @@ def explicit_cell(cell: nnx.Module):
     Returns:
       ``(f, state)``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, deq_jax as dj
       >>> from flax import nnx
       >>> f, state = dj.nn.explicit_cell(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
@@ -139,7 +139,7 @@ class DEQ(nnx.Module):
       backward_stats: :class:`BackwardStatsProbe`, whose gradient holds the backward
         solve's statistics.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> from flax import nnx
       >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
@@ -206,7 +206,7 @@ class DEQ(nnx.Module):
         Returns:
           A tuple of :class:`deq_jax.Solution`, earliest first.
 
-        Example:
+        Examples:
           >>> import jax.numpy as jnp, deq_jax as dj
           >>> from flax import nnx
           >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
@@ -239,7 +239,7 @@ class DEQ(nnx.Module):
         Returns:
           ``cell^depth(z0)``, shaped like ``z0`` in its dtype.
 
-        Example:
+        Examples:
           >>> import jax.numpy as jnp, deq_jax as dj
           >>> from flax import nnx
           >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
@@ -281,7 +281,7 @@ class DEQ(nnx.Module):
         Returns:
           float [B].
 
-        Example:
+        Examples:
           >>> import jax, jax.numpy as jnp, deq_jax as dj
           >>> from flax import nnx
           >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
@@ -306,7 +306,7 @@ class DEQ(nnx.Module):
         Returns:
           float [B], not differentiated.
 
-        Example:
+        Examples:
           >>> import jax, jax.numpy as jnp, deq_jax as dj
           >>> from flax import nnx
           >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))

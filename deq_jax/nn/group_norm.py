@@ -54,7 +54,7 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
     Returns:
       An array of ``x``'s shape and dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> y = group_norm(jnp.arange(8.0).reshape(1, 2, 4), jnp.ones(4), jnp.zeros(4), 2, 1e-5)
       >>> [round(float(v), 3) for v in y[0, 0]]
@@ -95,7 +95,7 @@ class GroupNorm(nnx.Module):
       dtype: output dtype; None keeps the input's. Statistics use at least float32.
       param_dtype: dtype of ``scale`` and ``bias``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> GroupNorm(4, num_groups=2)(jnp.ones((3, 5, 4))).shape
       (3, 5, 4)

@@ -39,7 +39,7 @@ class VariationalDropout(nnx.Module):
       rng_collection: the ``nnx.Rngs`` stream the masks come from.
       rngs: ``nnx.Rngs`` (a stream is forked from it); needed for ``rate > 0`` in training.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> drop = VariationalDropout(0.5, rngs=nnx.Rngs(0))
@@ -257,7 +257,7 @@ class MDEQCell(nnx.Module):
       rngs: ``nnx.Rngs`` for the weights and (``'dropout'`` stream, falling back to
         ``'default'``) the dropout masks.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> from flax import nnx
       >>> cell = dj.nn.MDEQCell((8, 16), num_groups=4, rngs=nnx.Rngs(0))

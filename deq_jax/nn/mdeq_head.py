@@ -111,7 +111,7 @@ class MDEQClassifierHead(nnx.Module):
       dtype, param_dtype: computation and parameter dtypes (None: the inputs').
       rngs: ``nnx.Rngs`` for the weights.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> from flax import nnx
       >>> head = dj.nn.MDEQClassifierHead((8, 16), (4, 8), 32, 10, rngs=nnx.Rngs(0))
@@ -168,7 +168,7 @@ class MDEQStem(nnx.Module):
       dtype, param_dtype: computation and parameter dtypes.
       rngs: ``nnx.Rngs`` for the weights.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
       >>> from flax import nnx
       >>> stem = dj.nn.MDEQStem(8, downsample_times=1, stage0=True, rngs=nnx.Rngs(0))

@@ -56,7 +56,7 @@ class SpectralNorm(nnx.Module):
       layer: the wrapped layer; ``layer.kernel`` is the unnormalised ``W``.
       u, v: :class:`PowerIterationVector`.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from flax import nnx
       >>> normed = SpectralNorm(nnx.Linear(6, 4, use_bias=False, rngs=nnx.Rngs(0)), 20, rngs=nnx.Rngs(1))
@@ -120,7 +120,7 @@ def apply_norm(layer: nnx.Module, norm: str, *, rngs: nnx.Rngs | None = None) ->
     Returns:
       The layer or its wrapper.
 
-    Example:
+    Examples:
       >>> from flax import nnx
       >>> type(apply_norm(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "weight")).__name__
       'WeightNorm'

@@ -54,7 +54,7 @@ class WeightNorm(nnx.Module):
       layer: the wrapped layer; ``layer.kernel`` is the direction ``v``.
       scale: ``nnx.Param`` ``g``, shape ``[out_features]``, in the kernel's dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> dense = nnx.Linear(3, 2, use_bias=False, rngs=nnx.Rngs(0))

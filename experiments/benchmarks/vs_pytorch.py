@@ -18,7 +18,7 @@ Three workloads, each run back to back (alternating, median over rounds):
      (``loop_friendly_conv``, ``lax.conv_general_dilated``; ``common.CONVS``) and, where
      the experiment's ``CifarDEQ`` takes a ``dtype``, also in bfloat16 (``--dtypes``),
      all in the same interleaved rounds, so one run says which form is faster; in the
-     same rounds, on the same batches, deq_jax also trains with the README's recommended
+     same rounds, on the same batches, deq_jax also trains with the recommended (docs/benchmarks.md, Q8)
      setting (``--gradient phantom --f-max-iter 12``: Anderson capped at 12 f evaluations,
      Phantom(1)) and with Broyden (``--solver broyden``, the chapter's settings otherwise),
      in the first convolution form and dtype (``--settings``).
@@ -60,7 +60,7 @@ TOL = 1e-4
 WORKLOADS = ("solve", "layer", "train")
 DTYPES = ("float32", "bfloat16")
 # deq_jax's training-step settings: overrides of the experiment's Config (its defaults are the
-# chapter's). "recommended" is the README's (and ablation.RECOMMENDED's) setting.
+# chapter's). "recommended" is docs/benchmarks.md's (and ablation.RECOMMENDED's) setting.
 SETTINGS = {
     "chapter": (),
     "recommended": (("gradient", "phantom"), ("f_max_iter", 12)),
