@@ -1,7 +1,7 @@
 """deq_jax: deep equilibrium models in JAX.
 
 Per-example fixed-point solvers that compile end to end, a fixed-point function with
-exact implicit or phantom gradients, Jacobian regularisation, and Flax NNX layers (see :mod:`deq_jax.nn`).
+exact implicit or phantom gradients, Jacobian regularisation, and Flax NNX layers (see ``deq_jax.nn``).
 """
 from . import nn as nn
 from ._backend import BACKEND_CHOICES as BACKEND_CHOICES

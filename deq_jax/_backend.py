@@ -2,7 +2,7 @@
 
 XLA:CPU needs several program shapes that other backends may not want (a convolution
 with its own VJP rule, conditionals around writes, unrolled loops). They are read from
-:data:`BACKEND_CHOICES` when a program is traced (the cell's convolution: when the cell is
+``BACKEND_CHOICES`` when a program is traced (the cell's convolution: when the cell is
 built), keyed by ``jax.default_backend()``, so a GPU or TPU run flips them in one place
 and every variant computes the same numbers (``tests/test_backend.py``).
 """
@@ -19,7 +19,7 @@ class BackendChoices:
 
     Attributes:
       conv: the cell's default convolution, ``"loop_friendly"``
-        (:func:`deq_jax.nn.loop_friendly_conv`, its input gradient written as an
+        (``deq_jax.nn.loop_friendly_conv``, its input gradient written as an
         ordinary convolution) or ``"lax"`` (``jax.lax.conv_general_dilated``, the only
         one with forward mode). XLA:CPU, jax 0.10.2: the input gradient of
         ``ResNetCell(48, 64)``'s conv2 at batch 100 inside a ``while_loop`` took 1452 ms
@@ -32,10 +32,10 @@ class BackendChoices:
         ``lax.cond``, so that f's output is written once; otherwise XLA:CPU fuses f's
         last elementwise ops into each of the loop's four consumers of ``f(x)`` and
         recomputes them there (``lax.optimization_barrier`` does not stop it).
-      unrolled_phantom: :class:`deq_jax.Phantom`'s steps are unrolled in the graph, not
+      unrolled_phantom: ``deq_jax.Phantom``'s steps are unrolled in the graph, not
         a ``lax.fori_loop``: XLA:CPU runs a convolution's kernel gradient far slower
         inside a loop (see ``conv``).
-      unrolled_hutchinson: :func:`deq_jax.jacobian_penalty`'s VJPs are a Python loop over
+      unrolled_hutchinson: ``deq_jax.jacobian_penalty``'s VJPs are a Python loop over
         the vectors, not a ``jax.vmap``: on XLA:CPU (``ResNetCell(48, 64)``, B=25, K=4, a
         one-off measurement) the gradient of the vmapped form took 2.7x as long.
     """
@@ -64,9 +64,9 @@ BACKEND_CHOICES: dict[str, BackendChoices] = {
 
 
 def backend_choices(backend: str | None = None) -> BackendChoices:
-    """The :class:`BackendChoices` of ``backend`` (default ``jax.default_backend()``), read when called.
+    """The ``BackendChoices`` of ``backend`` (default ``jax.default_backend()``), read when called.
 
-    A backend not in :data:`BACKEND_CHOICES` gets the plain forms, ``BackendChoices()``.
+    A backend not in ``BACKEND_CHOICES`` gets the plain forms, ``BackendChoices()``.
 
     Examples:
       >>> import deq_jax as dj

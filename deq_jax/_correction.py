@@ -36,26 +36,26 @@ def fixed_point_states(
 
     torchdeq's sliced core (``n_states``), the states of fixed-point correction (Bai et
     al. 2022, DEQ-Flow): the solver's ``max_iter`` f evaluations are split into
-    ``num_states`` segments (:func:`segment_budgets`); segment ``k`` is one call of
-    :func:`deq_jax.fixed_point` from the previous state's value (its gradient stopped),
+    ``num_states`` segments (``segment_budgets``); segment ``k`` is one call of
+    ``deq_jax.fixed_point`` from the previous state's value (its gradient stopped),
     capped at its share, and its result is state ``k`` -- an estimate of ``z*`` that
     ``gradient`` differentiates as if it were the fixed point (the implicit function
     theorem at that state, or phantom steps from it). The last state is the solve's
     answer. Each segment starts the solver afresh (an Anderson or Broyden history does
-    not carry over) from the previous state's ``value`` -- with :class:`deq_jax.Phantom`
+    not carry over) from the previous state's ``value`` -- with ``deq_jax.Phantom``
     the last phantom step, where torchdeq continues from the solver's own estimate --
-    and an example that has converged spends one f evaluation per later segment. Supervise the states with :func:`fp_correction`.
+    and an example that has converged spends one f evaluation per later segment. Supervise the states with ``fp_correction``.
 
     Cost: the forward f evaluations of one solve (plus one per extra segment for
-    converged examples); with :class:`deq_jax.Implicit`, one backward solve per state
+    converged examples); with ``deq_jax.Implicit``, one backward solve per state
     (their statistics add up in ``backward_stats_probe``'s gradient).
 
     Args:
-      f, z0, args, solver, gradient, backward_stats_probe: as :func:`deq_jax.fixed_point`.
+      f, z0, args, solver, gradient, backward_stats_probe: as ``deq_jax.fixed_point``.
       num_states: states to return, an int in ``[1, solver.max_iter]``.
 
     Returns:
-      A tuple of ``num_states`` :class:`deq_jax.Solution`, earliest first; each ``value``
+      A tuple of ``num_states`` ``deq_jax.Solution``, earliest first; each ``value``
       is differentiable w.r.t. ``args``.
 
     Examples:
@@ -81,7 +81,7 @@ def fp_correction(losses: Sequence, gamma: float = 0.8):
     (torchdeq's default ``'exp'`` weights).
 
     Args:
-      losses: the loss of each state of :func:`fixed_point_states`, earliest first.
+      losses: the loss of each state of ``fixed_point_states``, earliest first.
       gamma: the decay, in (0, 1].
 
     Returns:

@@ -40,12 +40,12 @@ def fixed_point(
     solver; this spends one. Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``)
     solves the tangent system ``t = J_f(z*) t + (d f / d args) v`` the same way, with JVPs. With ``gradient=Phantom(steps, damping)`` the value is
     the last of ``steps`` damped steps from ``z*``, differentiated by backprop through
-    those steps only (see :class:`Phantom`).
+    those steps only (see ``Phantom``).
 
     Args:
       f: ``f(z, args) -> z``, batched over the leading axis of ``z``, returning ``z``'s
         dtype. It may compute in a narrower one (bfloat16 convolutions, say) if it
-        casts its output back, as :class:`deq_jax.nn.DEQ` does: the solver's state
+        casts its output back, as ``deq_jax.nn.DEQ`` does: the solver's state
         and the backward solve then stay in ``z0``'s dtype, and the backward VJPs go
         through the same casts, so they too run in the narrow dtype.
       z0: initial estimate, a floating array (or pytree) with a leading batch axis;
@@ -54,14 +54,14 @@ def fixed_point(
       args: a pytree of arrays: everything ``f`` depends on that should receive
         gradients (parameters, injected input). Arrays ``f`` closes over are found
         with ``jax.closure_convert`` and differentiated too.
-      solver: the forward solver, :class:`Anderson`, :class:`Broyden` or :class:`ForwardIteration`.
-      gradient: :class:`Implicit` (exact; its ``solver`` solves the backward system, the
-        forward one if None) or :class:`Phantom` (inexact, cheaper).
+      solver: the forward solver, ``Anderson``, ``Broyden`` or ``ForwardIteration``.
+      gradient: ``Implicit`` (exact; its ``solver`` solves the backward system, the
+        forward one if None) or ``Phantom`` (inexact, cheaper).
       backward_stats_probe: optional float vector of length ``len(SolveStats._fields)``.
-        Its value is ignored; with :class:`Implicit` its gradient is the
-        :class:`SolveStats` of the backward solve (summed over every call that shares
+        Its value is ignored; with ``Implicit`` its gradient is the
+        ``SolveStats`` of the backward solve (summed over every call that shares
         the probe), which is how backward statistics leave a jitted ``grad``
-        (``SolveStats.from_array(grad)``); with :class:`Phantom`, which solves
+        (``SolveStats.from_array(grad)``); with ``Phantom``, which solves
         nothing backward, its gradient is zero.
       budget: optional run-time cap on the forward solve's f evaluations per example
         (an int, or an integer array of shape ``()`` or ``[B]``, counted as
@@ -71,7 +71,7 @@ def fixed_point(
         ``max_iter``.
 
     Returns:
-      The forward :class:`Solution` (for :class:`Phantom`, ``value`` is the last unrolled
+      The forward ``Solution`` (for ``Phantom``, ``value`` is the last unrolled
       state); ``value`` is differentiable w.r.t. ``args``.
 
     Examples:
@@ -154,7 +154,7 @@ def solve_linear(apply_j: Callable, y, z_star, solver) -> Solution:
       solver: the linear system's solver.
 
     Returns:
-      The :class:`Solution` of the linear system; ``value`` is ``u`` for the original ``y``.
+      The ``Solution`` of the linear system; ``value`` is ``u`` for the original ``y``.
     """
     y_norm, z_norm = _batch_norms(y), _batch_norms(z_star)
     # y = 0 has u = 0 at any scale; z* = 0 gives no scale to match.
@@ -182,7 +182,7 @@ def _implicit_solve_jvp(fs, solver, linear_solver, primals, tangents):
     """``z*``'s tangent ``t`` solves ``t = J_f(z*) t + (df/dargs) args_dot``, a ``lax.custom_linear_solve``.
 
     Forward mode runs ``tangent_solve``: JVPs of ``f``'s tangent form ``fs[1]`` (traced with
-    :func:`tracing_tangents`, so that every operation has a JVP), rescaled like the
+    ``tracing_tangents``, so that every operation has a JVP), rescaled like the
     backward system. Reverse mode transposes this rule: the right-hand side becomes one VJP
     w.r.t. the arguments, and the linear solve becomes ``backward_solve``, the backward
     solve ``g = J_f(z*)^T g + y`` with VJPs of ``fs[0]`` (fast reverse-mode forms). Each

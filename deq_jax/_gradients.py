@@ -1,4 +1,4 @@
-"""Gradient strategies of :func:`deq_jax.fixed_point`: how the backward pass treats the solve."""
+"""Gradient strategies of ``deq_jax.fixed_point``: how the backward pass treats the solve."""
 from __future__ import annotations
 
 import dataclasses
@@ -51,13 +51,13 @@ class Phantom:
     the Jacobian-free gradient (Fung et al. 2022): the value is ``f(z*)`` and the
     gradient ignores ``J_f``'s feedback. With ``damping < 1`` on a contractive ``f``,
     the gradient approaches the implicit one as ``steps`` grows. The steps are
-    unrolled in the graph where ``unrolled_phantom`` of :func:`deq_jax.backend_choices`
+    unrolled in the graph where ``unrolled_phantom`` of ``deq_jax.backend_choices``
     says so (XLA:CPU, where a convolution's kernel gradient is far slower inside a
     loop; compile time then grows with ``steps``), else run by ``lax.fori_loop``.
 
     Cost: ``steps`` f evaluations beyond the solve, ``steps`` VJPs backward, and the
     activations of ``steps`` evaluations in memory. Reverse mode only: ``jax.jvp`` and
-    ``jax.jacfwd`` through it raise a ``TypeError`` naming :class:`Implicit` instead.
+    ``jax.jacfwd`` through it raise a ``TypeError`` naming ``Implicit`` instead.
 
     Args:
       steps: unrolled steps, an int >= 1.
@@ -81,7 +81,7 @@ GRADIENTS = (Implicit, Phantom)
 
 
 def check_gradient(gradient) -> None:
-    """Raises ``TypeError`` unless ``gradient`` is an :class:`Implicit` or :class:`Phantom` instance."""
+    """Raises ``TypeError`` unless ``gradient`` is an ``Implicit`` or ``Phantom`` instance."""
     if not isinstance(gradient, GRADIENTS):
         raise TypeError(
             f"fixed_point: gradient must be one of {[g.__name__ for g in GRADIENTS]} (an instance), got {gradient!r}."
@@ -104,7 +104,7 @@ def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom, budget=None)
     """The forward solve (under ``budget``) without gradient, then ``gradient.steps`` differentiated damped steps.
 
     Returns:
-      The solver's :class:`Solution` with ``value`` replaced by the last unrolled state.
+      The solver's ``Solution`` with ``value`` replaced by the last unrolled state.
     """
     if any(_carries_forward_tangent(leaf) for leaf in jax.tree_util.tree_leaves(args)):
         raise TypeError(
@@ -124,7 +124,7 @@ def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom, budget=None)
 def apply_steps(step: Callable, z, count: int):
     """``count`` applications ``z <- step(i, z)``, differentiable by plain backprop.
 
-    Unrolled in the graph where ``unrolled_phantom`` of :func:`deq_jax.backend_choices`
+    Unrolled in the graph where ``unrolled_phantom`` of ``deq_jax.backend_choices``
     says so (XLA:CPU runs a convolution's kernel gradient far slower inside a loop),
     else a ``lax.fori_loop``.
     """

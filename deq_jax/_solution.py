@@ -31,7 +31,7 @@ class SolveStats(NamedTuple):
 
     @classmethod
     def from_array(cls, array) -> "SolveStats":
-        """Inverse of :meth:`to_array`."""
+        """Inverse of ``to_array``."""
         return cls(*(array[i] for i in range(len(cls._fields))))
 
 

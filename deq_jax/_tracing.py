@@ -1,9 +1,9 @@
 """Which form of a custom-VJP operation to trace: its fast reverse-mode form, or a plain one for forward mode.
 
-Operations such as :func:`deq_jax.nn.loop_friendly_conv` carry a ``jax.custom_vjp`` so
+Operations such as ``deq_jax.nn.loop_friendly_conv`` carry a ``jax.custom_vjp`` so
 that their VJP stays fast inside a solver's loop; a ``custom_vjp`` has no JVP, so
-forward mode cannot go through them. :func:`deq_jax.fixed_point` builds its tangent
-computations (the JVPs of ``f``) inside :func:`tracing_tangents`, where such operations
+forward mode cannot go through them. ``deq_jax.fixed_point`` builds its tangent
+computations (the JVPs of ``f``) inside ``tracing_tangents``, where such operations
 trace their plain, fully differentiable form instead; its reverse-mode (VJP) programs are
 traced outside it and keep the fast form.
 """
@@ -17,7 +17,7 @@ _TRACING_TANGENTS = contextvars.ContextVar("deq_jax_tracing_tangents", default=F
 
 @contextlib.contextmanager
 def tracing_tangents():
-    """Within this context, :func:`tangents_traced` is True (the code traced here will be JVP'd)."""
+    """Within this context, ``tangents_traced`` is True (the code traced here will be JVP'd)."""
     token = _TRACING_TANGENTS.set(True)
     try:
         yield
@@ -26,5 +26,5 @@ def tracing_tangents():
 
 
 def tangents_traced() -> bool:
-    """Whether the code being traced now is to be differentiated in forward mode (see :func:`tracing_tangents`)."""
+    """Whether the code being traced now is to be differentiated in forward mode (see ``tracing_tangents``)."""
     return _TRACING_TANGENTS.get()

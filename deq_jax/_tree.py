@@ -38,7 +38,7 @@ def batch_ravel(tree) -> tuple[jax.Array, Callable[[jax.Array], object]]:
 def damped_step(fz, z, damping: float):
     """``damping * fz + (1 - damping) * z`` leaf by leaf; ``fz`` itself (no arithmetic) when ``damping`` is 1.
 
-    The relaxed step of :class:`deq_jax.ForwardIteration` and of :class:`deq_jax.Phantom`.
+    The relaxed step of ``deq_jax.ForwardIteration`` and of ``deq_jax.Phantom``.
     """
     if damping == 1:
         return fz

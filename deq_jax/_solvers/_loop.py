@@ -1,7 +1,7 @@
-"""The per-example iteration loop shared by every solver, and the public solver protocol :class:`Solver`.
+"""The per-example iteration loop shared by every solver, and the public solver protocol ``Solver``.
 
 A solver supplies three pure functions over its own ``history`` pytree (see
-:class:`Solver`); the loop does the rest: one f evaluation per iteration,
+``Solver``); the loop does the rest: one f evaluation per iteration,
 per-example residuals, stops and the lowest-residual estimate.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ class Solver(abc.ABC):
     loop -- not the solver -- stops each example once its relative residual
     ``||f(x) - x|| / (||f(x)|| + 1e-5)`` is below ``tol`` (or not finite), freezes it,
     keeps each example's lowest-residual iterate and counts steps, so a new solver
-    gets per-example stopping, the :class:`deq_jax.Solution` statistics and both
-    gradient strategies of :func:`deq_jax.fixed_point` (its backward solve included)
+    gets per-example stopping, the ``deq_jax.Solution`` statistics and both
+    gradient strategies of ``deq_jax.fixed_point`` (its backward solve included)
     for free.
 
     ``record`` must leave the rows of examples outside ``active`` unchanged, so that a
@@ -83,10 +83,10 @@ class Solver(abc.ABC):
         Args:
           f: batched map, ``f(z)`` has the structure, shape and dtype of ``z``.
           z0: initial estimate, a floating array (or pytree) with a leading batch axis.
-          budget: optional run-time cap on the f evaluations (see :func:`iterate`).
+          budget: optional run-time cap on the f evaluations (see ``iterate``).
 
         Returns:
-          A :class:`deq_jax.Solution`.
+          A ``deq_jax.Solution``.
         """
         return iterate(self, f, z0, budget)
 
@@ -99,7 +99,7 @@ def check_solver_options(solver: Solver) -> None:
 
 
 def check_solver(owner: str, solver) -> None:
-    """Raises ``TypeError`` unless ``solver`` is an instance of a :class:`Solver` subclass."""
+    """Raises ``TypeError`` unless ``solver`` is an instance of a ``Solver`` subclass."""
     if not isinstance(solver, Solver):
         raise TypeError(f"{owner} must be a deq_jax.Solver instance (e.g. deq_jax.Anderson()), got {solver!r}.")
 
@@ -120,7 +120,7 @@ def select_rows(mask: jax.Array, new: jax.Array, old: Callable[[], jax.Array]) -
     A select reads both of its operands in full; in the usual case -- every example of
     the batch still running -- a conditional reads only ``new`` (history and
     best-iterate writes of every step). Whether to use it is ``conditional_writes`` of
-    :func:`deq_jax.backend_choices`.
+    ``deq_jax.backend_choices``.
 
     Args:
       mask: bool[B], rows that take ``new``.
@@ -195,7 +195,7 @@ def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
     """Runs ``solver``'s ``init``/``propose``/``record`` under ``lax.while_loop``, per example.
 
     Args:
-      solver: the :class:`Solver` (its ``tol``, ``max_iter`` and update rule).
+      solver: the ``Solver`` (its ``tol``, ``max_iter`` and update rule).
       f: batched map from a pytree like ``z0`` to the same.
       z0: initial estimate; a pytree of floating arrays with a leading batch axis.
       budget: optional cap on each example's f evaluations, counted as ``max_iter``
@@ -204,7 +204,7 @@ def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
         ``max_iter`` stays the compile-time ceiling; a larger budget is clamped to it.
 
     Returns:
-      The :class:`Solution`; ``value`` is ``f(z)`` at each example's lowest-residual
+      The ``Solution``; ``value`` is ``f(z)`` at each example's lowest-residual
       iterate ``z``.
     """
     owner, tol, max_iter = type(solver).__name__, solver.tol, solver.max_iter

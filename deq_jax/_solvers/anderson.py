@@ -99,7 +99,7 @@ class Anderson(Solver):
         check_number("Anderson", "lam", self.lam, low_open=False)
 
     def init(self, batch, features, dtype) -> AndersonHistory:
-        """Empty ``[B, m, D]`` buffers and a zero Gram matrix (see :class:`deq_jax.Solver`)."""
+        """Empty ``[B, m, D]`` buffers and a zero Gram matrix (see ``deq_jax.Solver``)."""
         empty = jnp.zeros((batch, self.m, features), dtype)
         return AndersonHistory(empty, empty, jnp.zeros((batch, self.m, self.m), dtype))
 

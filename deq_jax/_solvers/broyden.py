@@ -132,7 +132,7 @@ class Broyden(Solver):
     ``value`` is ``f(z)`` at each example's lowest-residual iterate ``z``, as for the
     other solvers. Cost per step beyond f: four batched matrix-vector products over the
     two ``[B, memory, D]`` buffers and a few passes over ``[B, D]`` arrays
-    (:func:`broyden_update`), no copy of the buffers. Measured against Anderson (m=5) at
+    (``broyden_update``), no copy of the buffers. Measured against Anderson (m=5) at
     equal work (25 f evaluations forward, 25 VJPs backward) on the CIFAR cell, batch 32,
     a gradient through the forward and backward solves cost 1.05x Anderson's with the
     default memory, the forward solve alone 1.16x (``python -m
@@ -200,7 +200,7 @@ class Broyden(Solver):
         return max(1, min(self.max_iter - 2, max(MIN_DEFAULT_MEMORY, fits)))
 
     def init(self, batch, features, dtype) -> BroydenHistory:
-        """Zero vectors and ``[B, memory, D]`` zero buffers (see :class:`deq_jax.Solver`)."""
+        """Zero vectors and ``[B, memory, D]`` zero buffers (see ``deq_jax.Solver``)."""
         vectors = jnp.zeros((batch, features), dtype)
         memory = self.memory_for(features, dtype)
         buffer = jnp.zeros((batch, memory, features), dtype)
@@ -211,7 +211,7 @@ class Broyden(Solver):
         return history.x_next
 
     def record(self, history: BroydenHistory, k, x, fx, active) -> BroydenHistory:
-        """The rank-one update for ``(x, f(x))``, see :func:`broyden_update`.
+        """The rank-one update for ``(x, f(x))``, see ``broyden_update``.
 
         At ``k = 0`` the zero history gives ``dx = 0``, a zero denominator and so no
         update: only ``step = -H g = g`` (``H = -I``) is recorded.

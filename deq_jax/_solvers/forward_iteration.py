@@ -16,7 +16,7 @@ class ForwardIteration(Solver):
     """Forward iteration ``z_{k+1} = damping * f(z_k) + (1 - damping) * z_k``, stopping each example on its own.
 
     With ``damping=1`` (the default) plain iteration: converges when ``f`` is a
-    contraction near the fixed point; slower than :class:`Anderson` but needs no
+    contraction near the fixed point; slower than ``Anderson`` but needs no
     history. A smaller ``damping`` (relaxed, or Krasnosel'skii-Mann, iteration, as in
     banax) trades speed for stability: it converges for some ``f`` that plain iteration
     overshoots, e.g. where ``J_f`` has eigenvalues near -1. ``value`` is ``f(z)`` at each example's
@@ -48,7 +48,7 @@ class ForwardIteration(Solver):
         check_number("ForwardIteration", "damping", self.damping, high=1.0, high_open=False)
 
     def init(self, batch, features, dtype) -> jax.Array:
-        """The next iterate, ``[B, D]`` (see :class:`deq_jax.Solver`)."""
+        """The next iterate, ``[B, D]`` (see ``deq_jax.Solver``)."""
         return jnp.zeros((batch, features), dtype)
 
     def propose(self, next_x, k) -> jax.Array:

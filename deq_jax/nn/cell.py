@@ -19,7 +19,7 @@ class ResNetCell(nnx.Module):
     The chapter's ``ResNetLayer`` on NHWC arrays: two bias-free convolutions with
     weights drawn from N(0, 0.01) (standard deviation 0.01, as the chapter's
     ``normal_(0, 0.01)``), "same" padding ``kernel_size // 2``, and three GroupNorms
-    with PyTorch's epsilon 1e-5 (:class:`deq_jax.nn.GroupNorm`: ``nnx.GroupNorm``'s
+    with PyTorch's epsilon 1e-5 (``deq_jax.nn.GroupNorm``: ``nnx.GroupNorm``'s
     values, faster reductions and VJP).
 
     Args:
@@ -31,19 +31,19 @@ class ResNetCell(nnx.Module):
         ``x`` are cast to it on entry, the convolutions run in it (kernels cast from
         ``param_dtype``) and so does every GroupNorm's input and output (its
         statistics use at least float32); the output is in ``dtype``. None follows
-        the inputs. :class:`deq_jax.nn.DEQ` casts the output back to its float32 state.
+        the inputs. ``deq_jax.nn.DEQ`` casts the output back to its float32 state.
       param_dtype: dtype of the parameters; gradients arrive in it.
       conv_general_dilated: the convolution both convs call (``nnx.Conv``'s argument).
-        None (the default) takes :func:`deq_jax.nn.default_conv` for
-        ``jax.default_backend()`` when the cell is built: :func:`loop_friendly_conv` on
+        None (the default) takes ``deq_jax.nn.default_conv`` for
+        ``jax.default_backend()`` when the cell is built: ``loop_friendly_conv`` on
         CPU, which keeps the backward solve's VJPs fast but has no forward-mode
         derivative; ``jax.lax.conv_general_dilated`` has one.
-      norm: the kernel normalisation of both convolutions, one of :data:`deq_jax.nn.NORMS`.
+      norm: the kernel normalisation of both convolutions, one of ``deq_jax.nn.NORMS``.
         ``"weight"``, as torchdeq does by default: each conv becomes a
-        :class:`deq_jax.nn.WeightNorm` (kernel ``w = g * v / ||v||`` per output channel;
+        ``deq_jax.nn.WeightNorm`` (kernel ``w = g * v / ||v||`` per output channel;
         parameters ``convN.layer.kernel`` = ``v``, ``convN.scale`` = ``g``), with ``g =
         ||v||`` at initialisation, so the cell's function is unchanged. ``"spectral"``:
-        a :class:`deq_jax.nn.SpectralNorm` (each kernel divided by its largest singular
+        a ``deq_jax.nn.SpectralNorm`` (each kernel divided by its largest singular
         value, which changes the function: the N(0, 0.01) kernels grow to norm 1).
         ``"none"`` (the default): the chapter's plain convolutions.
       rngs: ``nnx.Rngs`` for the convolution weights (and spectral norm's vectors).

@@ -1,9 +1,9 @@
-"""Convolutions for DEQ cells: :func:`loop_friendly_conv` and the per-backend default.
+"""Convolutions for DEQ cells: ``loop_friendly_conv`` and the per-backend default.
 
 A DEQ's backward solve applies the input gradient of its cell's convolutions inside a
 ``lax.while_loop``, where the compiler's choice of kernel layout decides the speed;
 which form of the convolution is fastest there depends on the backend, so the choice
-is a table, :data:`CONV_BY_BACKEND`, read by :func:`default_conv`.
+is a table, ``CONV_BY_BACKEND``, read by ``default_conv``.
 """
 from __future__ import annotations
 
@@ -72,10 +72,10 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
     every step needs it, is slow on CPU either way.
 
     It is a ``jax.custom_vjp``: reverse mode and ``vmap`` work, forward mode does not,
-    except where :func:`deq_jax.fixed_point` traces its tangent computations (its implicit
+    except where ``deq_jax.fixed_point`` traces its tangent computations (its implicit
     gradient's forward mode: there this function traces ``lax.conv_general_dilated``
     itself). Forward mode through anything else built on it (``jax.jvp`` of a bare cell,
-    optimistix's ``ImplicitAdjoint``, :class:`deq_jax.Phantom`) needs a cell built with
+    optimistix's ``ImplicitAdjoint``, ``deq_jax.Phantom``) needs a cell built with
     ``conv_general_dilated=jax.lax.conv_general_dilated``.
 
     Args:
@@ -117,10 +117,10 @@ CONVS = {"loop_friendly": loop_friendly_conv, "lax": lax.conv_general_dilated}
 
 
 def default_conv(backend: str | None = None):
-    """The convolution :class:`deq_jax.nn.ResNetCell` uses when given none: ``conv`` of :func:`deq_jax.backend_choices`.
+    """The convolution ``deq_jax.nn.ResNetCell`` uses when given none: ``conv`` of ``deq_jax.backend_choices``.
 
     Looked up when called (not when this module is imported), so the process's
-    backend -- or a patched :data:`deq_jax.BACKEND_CHOICES` -- decides.
+    backend -- or a patched ``deq_jax.BACKEND_CHOICES`` -- decides.
 
     Args:
       backend: a platform name as ``jax.default_backend()`` gives it (``"cpu"``,

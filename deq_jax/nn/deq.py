@@ -17,8 +17,8 @@ from .._solvers import Anderson
 class BackwardStatsProbe(nnx.Variable):
     """Zeros whose *gradient* is the backward solve's ``SolveStats`` vector.
 
-    Users need not touch it: differentiate with :data:`WITH_BACKWARD_STATS` and read the
-    statistics with :func:`split_backward_stats`.
+    Users need not touch it: differentiate with ``WITH_BACKWARD_STATS`` and read the
+    statistics with ``split_backward_stats``.
     """
 
 
@@ -30,13 +30,13 @@ def split_backward_stats(grads: nnx.State) -> tuple[nnx.State, dict[str, SolveSt
     """Separates the backward solves' statistics from the parameter gradients.
 
     Args:
-      grads: gradients taken w.r.t. :data:`WITH_BACKWARD_STATS` (an ``nnx.State``).
+      grads: gradients taken w.r.t. ``WITH_BACKWARD_STATS`` (an ``nnx.State``).
 
     Returns:
       ``(param_grads, stats)``: the gradients without the probes (ready for an
-      optimizer), and each DEQ layer's backward :class:`deq_jax.SolveStats` keyed by
+      optimizer), and each DEQ layer's backward ``deq_jax.SolveStats`` keyed by
       the layer's path (``"deq"``, ``"encoder/deq"``; ``""`` for a DEQ differentiated
-      itself). With :class:`deq_jax.Phantom`, which solves nothing backward, the
+      itself). With ``deq_jax.Phantom``, which solves nothing backward, the
       statistics are zeros.
 
     Examples:
@@ -59,7 +59,7 @@ def split_backward_stats(grads: nnx.State) -> tuple[nnx.State, dict[str, SolveSt
 def explicit_cell(cell: nnx.Module):
     """A cell as a pure function of explicit arrays: ``(f, state)`` with ``f(z, (state, x)) = cell(z, x)``.
 
-    The adapter at the solver boundary (:func:`deq_jax.fixed_point` needs every array
+    The adapter at the solver boundary (``deq_jax.fixed_point`` needs every array
     ``f`` depends on as an argument): ``state`` is the cell's whole ``nnx.State``, its
     parameters and every other variable (RNG streams, statistics). Each call of ``f``
     starts from ``state`` as given and keeps no update, so whatever the cell draws
@@ -67,7 +67,7 @@ def explicit_cell(cell: nnx.Module):
     iteration and in the backward solve.
 
     ``f``'s output is cast to ``z``'s dtype (leaf by leaf for a tuple state such as
-    :class:`deq_jax.nn.MDEQCell`'s): the cast keeps a solver state in float32
+    ``deq_jax.nn.MDEQCell``'s): the cast keeps a solver state in float32
     when the cell computes in bfloat16, and its transpose keeps the backward solve there.
 
     Args:
@@ -98,15 +98,15 @@ def explicit_cell(cell: nnx.Module):
 class DEQ(nnx.Module):
     """Deep equilibrium layer: returns ``z* = cell(z*, x)``.
 
-    The cell is split into explicit arrays (:func:`explicit_cell`) and passed to
-    :func:`deq_jax.fixed_point` with the injection ``x``, so every parameter receives its
+    The cell is split into explicit arrays (``explicit_cell``) and passed to
+    ``deq_jax.fixed_point`` with the injection ``x``, so every parameter receives its
     gradient and nothing traced is closed over. The training aids
-    :meth:`jacobian_penalty` and :meth:`spectral_radius` apply to the same cell
+    ``jacobian_penalty`` and ``spectral_radius`` apply to the same cell
     without rebuilding ``f``.
 
-    Statistics leave by return values only: :meth:`solve` returns the forward
-    :class:`deq_jax.Solution`; the backward solve's statistics arrive with the
-    gradients (:func:`split_backward_stats`).
+    Statistics leave by return values only: ``solve`` returns the forward
+    ``deq_jax.Solution``; the backward solve's statistics arrive with the
+    gradients (``split_backward_stats``).
 
     The cell's non-parameter state (RNG streams, counters, statistics): every solver
     iteration, the backward solve and the training aids see it as it was before the
@@ -129,14 +129,14 @@ class DEQ(nnx.Module):
       cell: an NNX module called as ``cell(z, x)``, returning an array (or pytree)
         shaped like ``z``. ``z`` has ``x``'s shape unless the cell says otherwise with a
         method ``initial_state(x)`` returning the zero state (a tuple of per-resolution
-        arrays for :class:`deq_jax.nn.MDEQCell`).
+        arrays for ``deq_jax.nn.MDEQCell``).
       solver: forward solver (the chapter's settings by default: Anderson, m=5,
         tol=1e-2, max_iter=25).
-      gradient: :class:`deq_jax.Implicit` (default; its ``solver`` solves the backward
-        system, the forward one if None) or :class:`deq_jax.Phantom`.
+      gradient: ``deq_jax.Implicit`` (default; its ``solver`` solves the backward
+        system, the forward one if None) or ``deq_jax.Phantom``.
 
     Attributes:
-      backward_stats: :class:`BackwardStatsProbe`, whose gradient holds the backward
+      backward_stats: ``BackwardStatsProbe``, whose gradient holds the backward
         solve's statistics.
 
     Examples:
@@ -172,10 +172,10 @@ class DEQ(nnx.Module):
             test-time compute dial: an int or an integer array (``()`` or ``[B]``),
             possibly traced, so a jitted caller that takes it as an argument compiles
             once for every budget; clamped to the solver's ``max_iter``. See
-            :func:`deq_jax.fixed_point`.
+            ``deq_jax.fixed_point``.
 
         Returns:
-          The forward :class:`deq_jax.Solution`; its ``value``, shaped like ``z0`` in its
+          The forward ``deq_jax.Solution``; its ``value``, shaped like ``z0`` in its
           dtype, is differentiable w.r.t. the cell and ``x``.
         """
         if z0 is None:
@@ -191,20 +191,20 @@ class DEQ(nnx.Module):
     def solve_states(self, x: jax.Array, num_states: int, z0=None) -> tuple[Solution, ...]:
         """``num_states`` states along the solve, each differentiable, for fixed-point correction.
 
-        :func:`deq_jax.fixed_point_states` on this layer's cell and settings: the
+        ``deq_jax.fixed_point_states`` on this layer's cell and settings: the
         solver's ``max_iter`` split into ``num_states`` segments, each state
         differentiated by the layer's gradient strategy as if it were the fixed point;
-        the last is :meth:`solve`'s answer (up to the restarts between segments). The
+        the last is ``solve``'s answer (up to the restarts between segments). The
         cell's state advances once, at the last state. Weigh the states' losses with
-        :func:`deq_jax.fp_correction`.
+        ``deq_jax.fp_correction``.
 
         Args:
           x: the injection.
           num_states: states, an int in ``[1, solver.max_iter]``.
-          z0: as :meth:`solve`.
+          z0: as ``solve``.
 
         Returns:
-          A tuple of :class:`deq_jax.Solution`, earliest first.
+          A tuple of ``deq_jax.Solution``, earliest first.
 
         Examples:
           >>> import jax.numpy as jnp, deq_jax as dj
@@ -234,7 +234,7 @@ class DEQ(nnx.Module):
         Args:
           x: the injection.
           depth: applications of the cell, an int >= 1.
-          z0: the starting state; None: as :meth:`solve`'s default.
+          z0: the starting state; None: as ``solve``'s default.
 
         Returns:
           ``cell^depth(z0)``, shaped like ``z0`` in its dtype.
@@ -266,7 +266,7 @@ class DEQ(nnx.Module):
         self.cell(*jax.lax.stop_gradient((z, x)))
 
     def jacobian_penalty(self, x: jax.Array, z: jax.Array, key: jax.Array, num_vectors: int = 1) -> jax.Array:
-        """:func:`deq_jax.jacobian_penalty` of ``cell(., x)`` at ``z``: ``||J||_F^2 / D`` per example.
+        """``deq_jax.jacobian_penalty`` of ``cell(., x)`` at ``z``: ``||J||_F^2 / D`` per example.
 
         Differentiable w.r.t. the cell's parameters and ``x`` (and ``z``). For Bai et
         al.'s Jacobian regularisation, evaluate it at the fixed point without a gradient
@@ -295,7 +295,7 @@ class DEQ(nnx.Module):
         return jacobian_penalty(f, z, (state, x), key, num_vectors)
 
     def spectral_radius(self, x: jax.Array, z: jax.Array, key: jax.Array, num_iters: int = 100) -> jax.Array:
-        """:func:`deq_jax.spectral_radius` of ``cell(., x)``'s Jacobian at ``z``, per example.
+        """``deq_jax.spectral_radius`` of ``cell(., x)``'s Jacobian at ``z``, per example.
 
         Args:
           x: the injection.

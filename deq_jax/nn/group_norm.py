@@ -83,7 +83,7 @@ def _group_norm_jvp(num_groups, epsilon, primals, tangents):
 
 
 class GroupNorm(nnx.Module):
-    """``nnx.GroupNorm`` for channels-last inputs, computed by :func:`group_norm`.
+    """``nnx.GroupNorm`` for channels-last inputs, computed by ``group_norm``.
 
     Same parameters (``scale`` ones, ``bias`` zeros, both ``[C]``) and values as
     ``nnx.GroupNorm(num_features, num_groups, epsilon, use_fast_variance=False)``.

@@ -29,7 +29,7 @@ class VariationalDropout(nnx.Module):
     mask of shape ``[B, 1, .., 1, C]``, scaled by ``1 / (1 - rate)``. The official code
     draws the mask once per forward pass and reuses it at every solver iteration; here
     each call draws a new mask from the ``rng_collection`` stream, and
-    :class:`deq_jax.nn.DEQ` freezes the cell's RNG state during a solve (forward,
+    ``deq_jax.nn.DEQ`` freezes the cell's RNG state during a solve (forward,
     backward and training aids), so every iteration of one solve sees the same mask
     and the next solve a new one. Outside a DEQ, two calls give two masks.
 
@@ -95,7 +95,7 @@ class _Layers:
     def conv(self, cin: int, cout: int, kernel: int, *, stride: int = 1, norm: str = "none"):
         """A bias-free ``kernel x kernel`` conv, padding ``kernel // 2``, normalised by ``norm``.
 
-        Kernel N(0, 0.01); weight-normalised, PyTorch's default init (see :class:`MDEQCell`).
+        Kernel N(0, 0.01); weight-normalised, PyTorch's default init (see ``MDEQCell``).
         """
         pad = kernel // 2
         layer = nnx.Conv(
@@ -116,7 +116,7 @@ class _Layers:
 class _Block(nnx.Module):
     """The official ``BasicBlock``: ``norm3(relu(z + norm2(drop(conv2(relu(norm1(conv1(z))))) + injection)))``.
 
-    Built by :class:`MDEQCell` (see there for the options).
+    Built by ``MDEQCell`` (see there for the options).
     """
 
     def __init__(self, channels: int, inner: int, big_kernels: int, groups: int, affine: bool, dropout: float,
@@ -210,7 +210,7 @@ class MDEQCell(nnx.Module):
 
     1. Branch ``i`` applies ``num_blocks[i]`` residual blocks (the official
        ``BasicBlock``: ``conv1`` to ``int(expansion * c)`` channels, GroupNorm, ReLU,
-       ``conv2`` back to ``c``, :class:`VariationalDropout`, ``+ x`` in the first block
+       ``conv2`` back to ``c``, ``VariationalDropout``, ``+ x`` in the first block
        of branch 0 only, GroupNorm, ``+`` the block's input, ReLU, GroupNorm); kernels
        3x3, or 5x5 for ``conv1`` when ``big_kernels[i] >= 1`` and for ``conv2`` when it is 2.
     2. Fusion into branch ``i``: the sum over ``j`` of block output ``j`` itself
@@ -228,7 +228,7 @@ class MDEQCell(nnx.Module):
     official ``get_cls_net`` leaves: N(0, 0.01) for every conv (its ``init_weights``),
     except weight-normalised ones, where ``init_weights`` writes into a derived tensor
     that is recomputed from ``g, v``, so PyTorch's default U(+-1/sqrt(fan_in)) stays
-    (:data:`TORCH_DEFAULT_INIT`), with ``g = ||v||``. GroupNorm scales 1, biases 0.
+    (``TORCH_DEFAULT_INIT``), with ``g = ||v||``. GroupNorm scales 1, biases 0.
 
     Official defaults (``lib/config/default.py``) and the CIFAR-10 yamls
     (``experiments/cifar/cls_mdeq_{TINY,LARGE}.yaml``): ``EXPANSION_FACTOR`` 5 (both
@@ -243,16 +243,16 @@ class MDEQCell(nnx.Module):
       expansion: inner channels of a block are ``int(expansion * c_i)``.
       num_groups: GroupNorm groups of blocks and fusion; ``num_groups // 2`` post fusion.
       big_kernels: 0, 1 or 2 per branch (None: zeros), the number of 5x5 convs in a block.
-      dropout: :class:`VariationalDropout` rate after each block's ``conv2``, in [0, 1).
+      dropout: ``VariationalDropout`` rate after each block's ``conv2``, in [0, 1).
       norm: the kernel normalisation of block and post-fusion convs, one of
-        :data:`deq_jax.nn.NORMS`: ``"none"``, ``"weight"`` (:class:`deq_jax.nn.WeightNorm`,
-        the official ``WNORM``) or ``"spectral"`` (:class:`deq_jax.nn.SpectralNorm`).
+        ``deq_jax.nn.NORMS``: ``"none"``, ``"weight"`` (``deq_jax.nn.WeightNorm``,
+        the official ``WNORM``) or ``"spectral"`` (``deq_jax.nn.SpectralNorm``).
       block_affine, fuse_affine, post_affine: GroupNorm scale and bias in the blocks,
         the fusion and post fusion (``*_GN_AFFINE``); without them a norm has no parameters.
-      dtype, param_dtype: as :class:`deq_jax.nn.ResNetCell` (states and ``x`` are cast
+      dtype, param_dtype: as ``deq_jax.nn.ResNetCell`` (states and ``x`` are cast
         to ``dtype`` on entry).
-      conv_general_dilated: as :class:`deq_jax.nn.ResNetCell`, for every conv; when it
-        is :func:`deq_jax.nn.loop_friendly_conv` (the CPU default), which has stride 1
+      conv_general_dilated: as ``deq_jax.nn.ResNetCell``, for every conv; when it
+        is ``deq_jax.nn.loop_friendly_conv`` (the CPU default), which has stride 1
         only, the stride-2 fusion convs use ``jax.lax.conv_general_dilated``.
       rngs: ``nnx.Rngs`` for the weights and (``'dropout'`` stream, falling back to
         ``'default'``) the dropout masks.
@@ -322,8 +322,8 @@ class MDEQCell(nnx.Module):
         return tuple((batch, height >> i, width >> i, c) for i, c in enumerate(self.channels))
 
     def initial_state(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        """Zeros for every branch, as the official solver starts: shapes :meth:`state_shapes`, dtype ``x``'s
-        promoted to at least float32 (the dtype :class:`deq_jax.nn.DEQ` gives its state)."""
+        """Zeros for every branch, as the official solver starts: shapes ``state_shapes``, dtype ``x``'s
+        promoted to at least float32 (the dtype ``deq_jax.nn.DEQ`` gives its state)."""
         dtype = jnp.promote_types(x.dtype, jnp.float32)
         return tuple(jnp.zeros(shape, dtype) for shape in self.state_shapes(x))
 

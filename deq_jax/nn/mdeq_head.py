@@ -1,4 +1,4 @@
-"""The stem and the classification head around :class:`deq_jax.nn.MDEQCell`, as the official ``MDEQClsNet``.
+"""The stem and the classification head around ``deq_jax.nn.MDEQCell``, as the official ``MDEQClsNet``.
 
 Layer for layer ``MDEQNet.downsample``/``stage0`` (``MDEQ-Vision/lib/models/mdeq_core.py``) and
 ``MDEQClsNet``'s ``incre_modules``, ``downsamp_modules``, ``final_layer`` and ``classifier``
@@ -137,7 +137,7 @@ class MDEQClassifierHead(nnx.Module):
                                      param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, ys: Sequence[jax.Array]) -> jax.Array:
-        """Logits ``[B, num_classes]`` for the per-branch states ``ys`` (NHWC, as :class:`MDEQCell` gives them)."""
+        """Logits ``[B, num_classes]`` for the per-branch states ``ys`` (NHWC, as ``MDEQCell`` gives them)."""
         shapes = [getattr(y, "shape", ()) for y in ys] if isinstance(ys, (tuple, list)) else None
         if shapes is None or [len(s) == 4 and s[-1] for s in shapes] != list(self.channels):
             raise ValueError(f"MDEQClassifierHead: expected a tuple of {len(self.channels)} NHWC arrays with "

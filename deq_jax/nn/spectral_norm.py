@@ -32,7 +32,7 @@ class SpectralNorm(nnx.Module):
     features, the kernel's last axis, against all the others), as PyTorch's
     ``spectral_norm`` and torchdeq's reshape their OIHW weight. ``sigma``, its largest
     singular value, is estimated by power iteration on two vectors kept as layer state
-    (:class:`PowerIterationVector`, ``u`` of length ``out`` and ``v`` of length
+    (``PowerIterationVector``, ``u`` of length ``out`` and ``v`` of length
     ``in * k * k``, drawn at random and normalised): in training mode each call runs
     ``num_power_iterations`` steps ``v <- W^T u / |.|, u <- W v / |.|``, stores ``u`` and
     ``v``, and divides by ``sigma = u^T W v``; in evaluation mode (``use_running_average``,
@@ -40,7 +40,7 @@ class SpectralNorm(nnx.Module):
     PyTorch, the gradient flows through ``W`` in ``sigma`` but not through the power
     iteration (``u`` and ``v`` are constants of the step).
 
-    Inside :class:`deq_jax.nn.DEQ` the cell's state is frozen during a solve, so every
+    Inside ``deq_jax.nn.DEQ`` the cell's state is frozen during a solve, so every
     solver iteration divides by the same ``sigma`` (f stays one function), and the
     vectors advance once per DEQ call -- one power-iteration step per training step,
     PyTorch's usual setting.
@@ -54,7 +54,7 @@ class SpectralNorm(nnx.Module):
 
     Attributes:
       layer: the wrapped layer; ``layer.kernel`` is the unnormalised ``W``.
-      u, v: :class:`PowerIterationVector`.
+      u, v: ``PowerIterationVector``.
 
     Examples:
       >>> import numpy as np
@@ -99,7 +99,7 @@ class SpectralNorm(nnx.Module):
         return (kernel.astype(sigma.dtype) / sigma).astype(kernel.dtype)
 
     def __call__(self, *args, **kwargs):
-        """Calls the wrapped layer with its kernel replaced by :meth:`kernel`."""
+        """Calls the wrapped layer with its kernel replaced by ``kernel``."""
         return call_with_kernel(self.layer, self.kernel(), *args, **kwargs)
 
     def set_view(self, use_running_average: bool | None = None):
@@ -113,8 +113,8 @@ def apply_norm(layer: nnx.Module, norm: str, *, rngs: nnx.Rngs | None = None) ->
 
     Args:
       layer: an NNX layer with a ``kernel`` Param.
-      norm: one of :data:`NORMS`: ``"none"``, ``"weight"`` (:class:`deq_jax.nn.WeightNorm`)
-        or ``"spectral"`` (:class:`SpectralNorm`, one power iteration per call).
+      norm: one of ``NORMS``: ``"none"``, ``"weight"`` (``deq_jax.nn.WeightNorm``)
+        or ``"spectral"`` (``SpectralNorm``, one power iteration per call).
       rngs: needed for ``"spectral"`` (its initial vectors).
 
     Returns:

@@ -84,5 +84,5 @@ class WeightNorm(nnx.Module):
         return (v.astype(norm.dtype) * (self.scale[...].astype(norm.dtype) / norm)).astype(v.dtype)
 
     def __call__(self, *args, **kwargs):
-        """Calls the wrapped layer with its kernel replaced by :meth:`kernel`."""
+        """Calls the wrapped layer with its kernel replaced by ``kernel``."""
         return call_with_kernel(self.layer, self.kernel(), *args, **kwargs)
