@@ -134,10 +134,8 @@ def test_unrolled_warm_up_is_plain_backprop_through_depth_applications(x64):
         return weighted_sum(z)
 
     params = nnx.state(deq.cell, nnx.Param)
-    # Jitted, both: op by op, each of the many small operations would compile on its own.
-    want_value, (want_params, want_x) = jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(params, x)
-    value, (grads, got_x) = nnx.jit(nnx.value_and_grad(lambda deq, x: weighted_sum(deq.unrolled(x, depth=4)),
-                                                       argnums=(0, 1)))(deq, x)
+    want_value, (want_params, want_x) = jax.value_and_grad(plain, argnums=(0, 1))(params, x)
+    value, (grads, got_x) = nnx.value_and_grad(lambda deq, x: weighted_sum(deq.unrolled(x, depth=4)), argnums=(0, 1))(deq, x)
     np.testing.assert_allclose(value, want_value, rtol=1e-12)
     np.testing.assert_allclose(got_x, want_x, rtol=1e-10, atol=1e-12)
     for got, want in zip(jax.tree.leaves(grads["cell"]), jax.tree.leaves(want_params)):
