@@ -114,9 +114,9 @@ def test_cell_state_is_fixed_during_a_solve_and_advances_once_per_call():
     assert not np.allclose(first.value, second.value, atol=1e-3), "two calls drew the same mask"
     # The backward solve sees the same mask as the forward one: the implicit gradient of that map.
     _, before = dj.nn.explicit_cell(nnx.clone(deq.cell))
-    grads = nnx.grad(lambda deq: jnp.sum(deq(x) ** 2))(deq)
-    want = jax.grad(lambda s: jnp.sum(dj.fixed_point(f, jnp.zeros_like(x), (s, x), solver=deq.solver).value ** 2),
-                    allow_int=True)
+    grads = nnx.jit(nnx.grad(lambda deq: jnp.sum(deq(x) ** 2)))(deq)  # jitted: one program, not op by op
+    want = jax.jit(jax.grad(lambda s: jnp.sum(dj.fixed_point(f, jnp.zeros_like(x), (s, x), solver=deq.solver).value ** 2),
+                            allow_int=True))
     np.testing.assert_allclose(grads["cell"]["linear"]["kernel"][...], want(before)["linear"]["kernel"][...], rtol=1e-4)
     deq.eval()  # deterministic dropout: no draw, so the state no longer moves
     counts = int(deq.cell.dropout.rngs.count[...])
