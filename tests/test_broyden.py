@@ -184,11 +184,12 @@ def test_alone_equals_batched_with_a_wrapping_ring(x64):
     c = jnp.asarray(rng.normal(size=(BATCH, DIM)) * np.array([0.3, 1.0, 3.0])[:, None])
     f = lambda w, c: (lambda z: jnp.tanh(jnp.einsum("bij,bj->bi", w, z) + c))
     solver = dj.Broyden(tol=1e-9, max_iter=40, memory=3)
-    sol = solver(f(w, c), jnp.zeros((BATCH, DIM)))
+    solve = jax.jit(lambda w, c: solver(f(w, c), jnp.zeros((len(w), DIM))))  # one program per batch size
+    sol = solve(w, c)
     assert sol.converged.all() and (sol.num_steps > 5).all(), "every example must use the ring after it wraps"
     assert len(set(np.asarray(sol.num_steps))) > 1, "examples must stop apart"
     for b in range(BATCH):
-        alone = solver(f(w[b:b + 1], c[b:b + 1]), jnp.zeros((1, DIM)))
+        alone = solve(w[b:b + 1], c[b:b + 1])
         assert alone.num_steps[0] == sol.num_steps[b]
         np.testing.assert_allclose(alone.value[0], sol.value[b], rtol=1e-12)
         np.testing.assert_allclose(alone.trace[:, 0], sol.trace[:, b], rtol=1e-10)
