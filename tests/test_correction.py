@@ -72,7 +72,7 @@ def test_implicit_correction_differentiates_each_state_by_the_implicit_function_
             j_z = jax.jacobian(lambda zi: f(zi[None], (w, a[i:i + 1]))[0])(z[i])
             j_a = jax.jacobian(lambda ai: f(z[i:i + 1], (w, ai[None]))[0])(a[i])
             want[i] += weight * 2 * (z[i] - target[i]) @ np.linalg.solve(np.eye(5) - j_z, j_a)
-    np.testing.assert_allclose(jax.grad(loss)(a), want, rtol=1e-9)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(a), want, rtol=1e-9)
     free = dj.fixed_point(f, jnp.zeros_like(a), (w, a), solver=dj.Anderson(tol=1e-12, max_iter=50)).value
     assert float(jnp.abs(starts[1] - free).max()) > 1e-4, "the first state must stop short of the fixed point"
 
