@@ -40,22 +40,32 @@ def pytest_configure(config):
 
 
 def _compile_with_light_llvm_optimisation():
-    """Tests compile with XLA's backend optimisation level 1 unless XLA_FLAGS already sets a level.
+    """Tests compile with XLA's backend optimisation level 1 and XLA:CPU's classic fusion emitters.
 
-    On XLA:CPU most of a test's time is LLVM optimising the programs it compiles, and a
-    test runs each program on a few small arrays once or twice. On a 2-core AMD EPYC
-    (2026-12-03): ``pytest -n 0 tests/test_conv.py`` took 86 s at the default level, 22 s
-    at level 1 and 22 s at level 0; the mocked MDEQ run's settings on real data
-    (``train.train_and_evaluate`` in one process, as ``python -m experiments.cifar10
-    --model mdeq-tiny --epochs 2 --train-limit 30 --eval-limit 25 --batch-size 10
-    --f-max-iter 4 --b-max-iter 4 --warmup-steps 4 --warmup-depth 2``) took 98 s, 74 s and 171 s: level 0 compiles fastest but runs many small fused ops ten
-    times slower. The level is LLVM's: the optimised HLO of a DEQ gradient program is the
-    same text at levels 0 and 3 (compared with ``compiled.as_text()``). Set before any
-    backend starts, so workers and subprocesses inherit it.
+    Each is set unless XLA_FLAGS already sets it, before any backend starts, so workers
+    and subprocesses inherit them. On XLA:CPU most of a test's time is compiling, and a
+    test runs each program on a few small arrays once or twice.
+
+    - The level is LLVM's: the optimised HLO of a DEQ gradient program is the same text at
+      levels 0 and 3 (compared with ``compiled.as_text()``). On a 2-core AMD EPYC
+      (2026-12-03): ``pytest -n 0 tests/test_conv.py`` took 86 s at the default level, 22 s
+      at level 1 and 22 s at level 0; the mocked MDEQ run's settings on real data
+      (``train.train_and_evaluate`` in one process, as ``python -m experiments.cifar10
+      --model mdeq-tiny --epochs 2 --train-limit 30 --eval-limit 25 --batch-size 10
+      --f-max-iter 4 --b-max-iter 4 --warmup-steps 4 --warmup-depth 2``) took 98 s, 74 s
+      and 171 s: level 0 compiles fastest but runs many small fused ops ten times slower.
+    - ``--xla_cpu_use_fusion_emitters=false``: XLA:CPU's default MLIR fusion emitters cost
+      more to compile than the classic ones. CPU seconds (user + sys) of ``pytest -n 0
+      -p no:cacheprovider FILE`` at level 1, same machine (2026-12-06), default -> classic:
+      tests/test_forward_mode.py 49.9 -> 35.1 s, tests/test_mdeq_deq.py 92.2 -> 70.6 s,
+      tests/test_cifar10_train.py (mostly running the mocked trainings) 147.6 -> 132.7 s;
+      every test passes either way.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_backend_optimization_level" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=1".strip()
+    for name, value in (("xla_backend_optimization_level", "1"), ("xla_cpu_use_fusion_emitters", "false")):
+        if name not in flags:
+            flags = f"{flags} --{name}={value}".strip()
+    os.environ["XLA_FLAGS"] = flags
 
 
 def pytest_unconfigure(config):
