@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments.cifar10 import main, metrics, steps, train
+from experiments.cifar10 import batch_stats_check, main, metrics, steps, train
 from experiments.cifar10.config import Config
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
@@ -165,6 +165,28 @@ def test_checkpoint_mistakes_are_clear_errors(mocked_run, mock_cifar10, tmp_path
             train.train_and_evaluate(resume, corrupt)
         with pytest.raises(ValueError, match="30 training examples make no batch of --batch-size 40"):
             train.train_and_evaluate(dataclasses.replace(config, batch_size=40), tmp_path / "big_batch")
+
+
+def test_the_batch_statistics_check_reproduces_the_runs_evaluation(mocked_run, mock_cifar10, tmp_path, capsys):
+    workdir, config, _, _ = mocked_run
+    if config.model != "mdeq-tiny":
+        pytest.skip("one model is enough: the script only restores and evaluates (MDEQ: with dropout to turn off)")
+    # Epoch 1's checkpoint (after 3 steps, still in the warm-up: evaluated unrolled) and epoch 2's (solved).
+    shutil.copytree(workdir / "checkpoints" / "1", tmp_path / "checkpoints" / "1")
+    with mock_cifar10(MOCK_EXAMPLES):
+        # One batch of all 25 test images: with running statistics each example is classified alone,
+        # so this must be the run's own evaluation (batches of 10, padded); with the batch's
+        # statistics it is something else.
+        results = [batch_stats_check.main(["--workdir", str(run), "--limit", "25", "--batch-size", "25"])
+                   for run in (tmp_path, workdir)]
+        with pytest.raises(SystemExit, match="--limit \\(25\\) must be a positive multiple of --batch-size \\(10\\)"):
+            batch_stats_check.main(["--workdir", str(workdir), "--limit", "25", "--batch-size", "10"])
+    for result, evaluated in zip(results, _history(workdir)):
+        assert result["epoch"] == evaluated["epoch"]
+        assert result["running"]["accuracy"] == pytest.approx(evaluated["test_accuracy"], abs=1e-6)  # steps of 1/25
+        np.testing.assert_allclose(result["running"]["loss"], evaluated["test_loss"], rtol=1e-5)
+        assert abs(result["batch"]["loss"] - result["running"]["loss"]) > 1e-3, result
+    assert "| the batch's own |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -56,7 +56,7 @@ class Run:
         if num_processes > 1:
             cluster = ["--coordinator-address", f"127.0.0.1:{_free_port()}", "--num-processes", str(num_processes)]
         self.processes, self.logs = [], []
-        # Added to the run's XLA_FLAGS (conftest's optimisation level), not in their place.
+        # Added to the run's XLA_FLAGS (conftest's compile flags), not in their place.
         xla_flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
         for i in range(num_processes):
             log = workdir.parent / f"{name}.{i}.log"

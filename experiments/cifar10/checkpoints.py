@@ -37,6 +37,12 @@ def save(manager: ocp.CheckpointManager, epoch: int, state: dict, config: Config
     manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
+def saved_config(manager: ocp.CheckpointManager) -> dict:
+    """The settings (``Config.as_json()``) saved with the latest checkpoint."""
+    epoch = manager.latest_step()
+    return manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["config"]
+
+
 def restore(manager: ocp.CheckpointManager, state: dict, config: Config) -> tuple[dict, list[dict]]:
     """Restores the latest checkpoint into ``state``'s shapes and shardings.
 

@@ -203,6 +203,11 @@ class Config:
         """The settings as JSON values, as ``summary.json`` and checkpoints hold them (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    @classmethod
+    def from_json(cls, settings: dict) -> Config:
+        """The inverse of :meth:`as_json` (lists become tuples again), e.g. for a checkpoint's saved settings."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+
     def resumable_view(self) -> dict:
         """The settings a resumed run must share with the checkpointed one (all but ``RESUMABLE_FIELDS``)."""
         return {k: v for k, v in self.as_json().items() if k not in RESUMABLE_FIELDS}
