@@ -3,6 +3,8 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,11 +42,12 @@ def pytest_configure(config):
 
 
 def _compile_with_light_llvm_optimisation():
-    """Tests compile with XLA's backend optimisation level 1 and XLA:CPU's classic fusion emitters.
+    """Tests compile with XLA's backend optimisation level 1 and, where XLA has them, XLA:CPU's classic fusion emitters.
 
-    Each is set unless XLA_FLAGS already sets it, before any backend starts, so workers
-    and subprocesses inherit them. On XLA:CPU most of a test's time is compiling, and a
-    test runs each program on a few small arrays once or twice.
+    Set before any backend starts, so workers and subprocesses inherit them; left alone if
+    XLA_FLAGS already sets a level (the user's choice, or the first pytest process's, which
+    xdist's workers inherit). On XLA:CPU most of a test's time is compiling, and a test runs
+    each program on a few small arrays once or twice.
 
     - The level is LLVM's: the optimised HLO of a DEQ gradient program is the same text at
       levels 0 and 3 (compared with ``compiled.as_text()``). On a 2-core AMD EPYC
@@ -59,13 +62,22 @@ def _compile_with_light_llvm_optimisation():
       -p no:cacheprovider FILE`` at level 1, same machine (2026-12-06), default -> classic:
       tests/test_forward_mode.py 49.9 -> 35.1 s, tests/test_mdeq_deq.py 92.2 -> 70.6 s,
       tests/test_cifar10_train.py (mostly running the mocked trainings) 147.6 -> 132.7 s;
-      every test passes either way.
+      every test passes either way. jaxlib 0.11.2 no longer has the flag, and XLA aborts
+      on a flag it does not know, so a subprocess (1.1 s) tries it first.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    for name, value in (("xla_backend_optimization_level", "1"), ("xla_cpu_use_fusion_emitters", "false")):
-        if name not in flags:
-            flags = f"{flags} --{name}={value}".strip()
-    os.environ["XLA_FLAGS"] = flags
+    if "xla_backend_optimization_level" in flags:
+        return
+    flags = f"{flags} --xla_backend_optimization_level=1".strip()
+    classic = f"{flags} --xla_cpu_use_fusion_emitters=false"
+    os.environ["XLA_FLAGS"] = classic if _xla_accepts(classic) else flags
+
+
+def _xla_accepts(flags: str) -> bool:
+    """Whether a JAX process with ``XLA_FLAGS=flags`` starts its CPU backend (XLA aborts on an unknown flag)."""
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1)"], capture_output=True,
+                           env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+    return probe.returncode == 0
 
 
 def pytest_unconfigure(config):
