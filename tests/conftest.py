@@ -30,7 +30,7 @@ def pytest_configure(config):
     exports it; workers and subprocesses inherit the variable. A cache the user set is
     used as it is and kept.
     """
-    _compile_with_light_llvm_optimisation()
+    _set_test_compile_flags()
     if CACHE_VARIABLE not in os.environ:
         os.environ[CACHE_VARIABLE] = tempfile.mkdtemp(prefix="deq_jax_tests_jax_cache_")
         config.stash[_OWN_CACHE] = os.environ[CACHE_VARIABLE]
@@ -41,7 +41,7 @@ def pytest_configure(config):
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
-def _compile_with_light_llvm_optimisation():
+def _set_test_compile_flags():
     """Tests compile with XLA's backend optimisation level 1 and, where XLA has them, XLA:CPU's classic fusion emitters.
 
     Set before any backend starts, so workers and subprocesses inherit them; left alone if
