@@ -24,14 +24,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 
 from . import checkpoints
 from . import input_pipeline as ip
 from .config import Config
 from .errors import UsageError
-from .model import set_mode
-from .steps import in_warmup, init_state
+from .steps import eval_step, in_warmup, init_state
 
 
 def restore_latest(workdir) -> tuple:
@@ -41,14 +39,6 @@ def restore_latest(workdir) -> tuple:
     model_def, state, _, _ = init_state(config, total_steps=1)  # the schedule's length shapes no array
     state, history = checkpoints.restore(manager, state, config)
     return config, model_def, state, len(history)
-
-
-def _logits(model_def, state, images, *, unrolled_depth: int | None, batch_statistics: bool):
-    model = model_def.merge(state["params"], state["batch_stats"])
-    x = model.inject(ip.normalize(images), train=batch_statistics)
-    set_mode(model.deq, False)  # the cell as evaluated: no dropout mask, no power-iteration update
-    z = model.deq(x) if unrolled_depth is None else model.deq.unrolled(x, unrolled_depth)
-    return model.classify(z, train=batch_statistics)
 
 
 def compare(workdir, data_dir=None, limit: int = 128, batch_size: int = 128) -> dict:
@@ -75,19 +65,16 @@ def compare(workdir, data_dir=None, limit: int = 128, batch_size: int = 128) -> 
     if len(split) < limit:
         raise UsageError(f"--limit {limit}: the test split has only {len(split)} images")
     # As the run evaluated this checkpoint: unrolled while still in the MDEQ warm-up.
-    depth = config.warmup_depth if in_warmup(config, int(state["step"])) else None
-    steps = {mode: jax.jit(functools.partial(_logits, model_def, unrolled_depth=depth, batch_statistics=mode))
-             for mode in (False, True)}
+    warmup = in_warmup(config, int(state["step"]))
+    mask, exact = np.ones(batch_size, bool), np.zeros(batch_size, bool)
     result = {"epoch": epoch}
-    for name, mode in (("running", False), ("batch", True)):
-        correct, losses = [], []
-        for start in range(0, limit, batch_size):
-            images, labels = split.images[start:start + batch_size], split.labels[start:start + batch_size]
-            logits = steps[mode](state, images)
-            correct.append(np.asarray(logits.argmax(-1) == labels))
-            losses.append(np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
-        result[name] = {"accuracy": float(np.mean(np.concatenate(correct))),
-                        "loss": float(np.mean(np.concatenate(losses)))}
+    for name, batch_statistics in (("running", False), ("batch", True)):
+        step = jax.jit(functools.partial(eval_step, model_def=model_def, config=config, warmup=warmup,
+                                         batch_statistics=batch_statistics))
+        sums = [step(state, split.images[start:start + batch_size], split.labels[start:start + batch_size], mask, exact)
+                for start in range(0, limit, batch_size)]
+        total = {key: sum(float(m[key]) for m in sums) for key in ("loss", "correct", "count")}
+        result[name] = {"accuracy": total["correct"] / total["count"], "loss": total["loss"] / total["count"]}
     return result
 
 

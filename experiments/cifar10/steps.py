@@ -25,7 +25,7 @@ import deq_jax as dj
 
 from . import input_pipeline as ip
 from .config import DTYPES, END_LR, Config
-from .model import CifarDEQ, CifarMDEQ
+from .model import CifarDEQ, CifarMDEQ, set_mode
 
 RADIUS_ITERS = 50  # power iterations (VJPs) per spectral radius
 # Random streams of a step, each its own branch of the seed's key, never one NNX draws
@@ -253,8 +253,8 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
 
 
 def eval_step(state: dict, images, labels, mask, exact, budget=None, *, model_def: ModelDef, config: Config,
-              warmup: bool = False) -> dict:
-    """Loss and accuracy of a padded batch with BatchNorm's running statistics.
+              warmup: bool = False, batch_statistics: bool = False) -> dict:
+    """Loss and accuracy of a padded batch with BatchNorm's running statistics (or the batch's own).
 
     Args:
       state: as in :func:`train_step`.
@@ -267,6 +267,9 @@ def eval_step(state: dict, images, labels, mask, exact, budget=None, *, model_de
       budget: optional traced int, the forward solve's cap on f evaluations (see
         :meth:`deq_jax.nn.DEQ.solve`); one compiled step serves every budget.
       warmup: evaluate the unrolled network (static; during the warm-up, as the official MDEQ code).
+      batch_statistics: normalise every BatchNorm by the batch's statistics, as in training, with
+        the cell still as evaluated (no dropout) and nothing updated (static; see
+        ``batch_stats_check``). The batch must then hold no padding.
 
     Returns:
       Sums over the real examples: ``loss``, ``correct``, ``count``, ``exact_correct``,
@@ -274,7 +277,8 @@ def eval_step(state: dict, images, labels, mask, exact, budget=None, *, model_de
       converged examples.
     """
     model = model_def.merge(state["params"], state["batch_stats"])
-    x = model.inject(ip.normalize(images), train=False)
+    x = model.inject(ip.normalize(images), train=batch_statistics)
+    set_mode(model.deq, False)  # the cell as evaluated: no dropout mask, no power-iteration update
     solves = {}
     if warmup:
         z = model.deq.unrolled(x, config.warmup_depth)
@@ -283,7 +287,7 @@ def eval_step(state: dict, images, labels, mask, exact, budget=None, *, model_de
         z = solution.value
         solves = {"steps": jnp.sum(solution.num_steps * mask, dtype=jnp.float32),
                   "converged": jnp.sum(solution.converged & mask, dtype=jnp.float32)}
-    logits = model.classify(z, train=False)
+    logits = model.classify(z, train=batch_statistics)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = logits.argmax(-1) == labels
     return {
