@@ -73,6 +73,12 @@ def test_exact_test_mask():
 def test_normalize():
     x = ip.normalize(np.array([0, 51, 255], np.uint8))
     assert x.dtype == np.float32 and np.allclose(x, [0.0, 0.2, 1.0])
+    pixels = np.arange(256, dtype=np.uint8).repeat(3).reshape(-1, 1, 1, 3)
+    want = (pixels / 255 - np.array(ip.MDEQ_MEAN)) / np.array(ip.MDEQ_STD)
+    for scaling, expected in (("unit", pixels / 255), ("mean-std", want)):
+        np.testing.assert_allclose(ip.normalize(pixels, scaling), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        ip.normalize(pixels, "z-score")
 
 
 # Bad input.

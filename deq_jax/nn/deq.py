@@ -265,18 +265,25 @@ class DEQ(nnx.Module):
             return
         self.cell(*jax.lax.stop_gradient((z, x)))
 
-    def jacobian_penalty(self, x: jax.Array, z: jax.Array, key: jax.Array, num_vectors: int = 1) -> jax.Array:
+    def jacobian_penalty(self, x: jax.Array, z: jax.Array, key: jax.Array, num_vectors: int = 1, *,
+                         cell_state: nnx.State | None = None) -> jax.Array:
         """``deq_jax.jacobian_penalty`` of ``cell(., x)`` at ``z``: ``||J||_F^2 / D`` per example.
 
         Differentiable w.r.t. the cell's parameters and ``x`` (and ``z``). For Bai et
         al.'s Jacobian regularisation, evaluate it at the fixed point without a gradient
         through the solve, ``jax.lax.stop_gradient(z)``, and add ``weight * mean`` to the loss.
 
+        A solve (or ``unrolled``) advances the cell's non-parameter state, so a dropout
+        mask drawn now is not the one that solve used. To penalise the ``f`` whose fixed
+        point ``z`` is -- same mask, same statistics -- pass the cell's state from before
+        the solve: ``cell_state = nnx.state(deq.cell)``, taken just before it.
+
         Args:
           x: the injection the fixed point was solved for.
           z: the point, usually the fixed point ``self(x)``.
           key: a JAX PRNG key for the random vectors.
           num_vectors: Hutchinson vectors (VJPs) per example.
+          cell_state: the cell's ``nnx.State`` to evaluate ``f`` with; None: its current state.
 
         Returns:
           float [B].
@@ -287,12 +294,14 @@ class DEQ(nnx.Module):
           >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
           >>> x = jnp.ones((2, 6, 6, 8))
           >>> def loss(deq):
-          ...     z = deq(x)
-          ...     return jnp.mean(z ** 2) + 0.1 * deq.jacobian_penalty(x, jax.lax.stop_gradient(z), jax.random.key(0)).mean()
+          ...     solved_with = nnx.state(deq.cell)
+          ...     z = jax.lax.stop_gradient(deq(x))
+          ...     return jnp.mean(z ** 2) + 0.1 * deq.jacobian_penalty(x, z, jax.random.key(0),
+          ...                                                          cell_state=solved_with).mean()
           >>> grads = nnx.grad(loss)(deq)
         """
         f, state = explicit_cell(self.cell)
-        return jacobian_penalty(f, z, (state, x), key, num_vectors)
+        return jacobian_penalty(f, z, (state if cell_state is None else cell_state, x), key, num_vectors)
 
     def spectral_radius(self, x: jax.Array, z: jax.Array, key: jax.Array, num_iters: int = 100) -> jax.Array:
         """``deq_jax.spectral_radius`` of ``cell(., x)``'s Jacobian at ``z``, per example.

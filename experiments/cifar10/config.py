@@ -24,6 +24,7 @@ import numpy as np
 
 import deq_jax as dj
 
+from . import input_pipeline as ip
 from .errors import BadInputError
 
 ANDERSON_M = 5
@@ -38,12 +39,16 @@ RESUMABLE_FIELDS = ("data_dir", "resume", "time_budget", "eval_budgets")
 
 # The official MDEQ recipes (locuslab/deq, MDEQ-Vision/experiments/cifar/cls_mdeq_{TINY,LARGE}.yaml and
 # the defaults of MDEQ-Vision/lib/config/default.py) as this experiment's flags: DEQ.F_SOLVER/B_SOLVER ->
-# solver, F_THRES/B_THRES -> f/b_max_iter, STOP_MODE 'rel' at lib/solvers.py broyden's eps 1e-3 -> f/b_tol,
-# TRAIN.BATCH_SIZE_PER_GPU x GPUS (64 x 2, 32 x 4) -> batch_size, END_EPOCH -> epochs, LR (Adam, cosine to
-# 1e-6 over all steps) -> lr, WD -> weight_decay, MODEL.DROPOUT -> dropout, WNORM -> norm 'weight',
-# PRETRAIN_STEPS -> warmup_steps, NUM_LAYERS -> warmup_depth, DATASET.AUGMENT (LARGE: default.py's True).
-_MDEQ_RECIPE = dict(solver="broyden", f_max_iter=18, b_max_iter=20, f_tol=1e-3, b_tol=1e-3, batch_size=128, lr=1e-3,
-                    norm="weight", warmup_depth=10)
+# solver, STOP_MODE 'rel' at lib/solvers.py broyden's eps 1e-3 -> f/b_tol, TRAIN.BATCH_SIZE_PER_GPU x GPUS
+# (64 x 2, 32 x 4) -> batch_size, END_EPOCH -> epochs, LR (Adam, cosine to 1e-6 over all steps) -> lr, WD ->
+# weight_decay, MODEL.DROPOUT -> dropout, WNORM -> norm 'weight', PRETRAIN_STEPS -> warmup_steps, NUM_LAYERS
+# -> warmup_depth, LOSS.PRETRAIN_JAC_LOSS_WEIGHT (0) -> warmup_jac_reg, DATASET.AUGMENT (LARGE: default.py's
+# True), tools/cls_train.py's Normalize -> input_scaling 'mean-std'. The caps: broyden(threshold=T) evaluates
+# f at x0 and after each of its T steps, T + 1 evaluations, so F_THRES 18 -> f_max_iter 19. Backward, it starts
+# from 0 (its first of T + 1 VJPs is of a zero vector) and its first step reaches y, where deq_jax's backward
+# solve starts: B_THRES 20 -> b_max_iter 20, the same 20 VJPs of non-zero vectors.
+_MDEQ_RECIPE = dict(solver="broyden", f_max_iter=19, b_max_iter=20, f_tol=1e-3, b_tol=1e-3, batch_size=128, lr=1e-3,
+                    norm="weight", warmup_depth=10, warmup_jac_reg=0.0, input_scaling="mean-std")
 MODEL_DEFAULTS = {
     "chapter": {},
     "mdeq-tiny": dict(_MDEQ_RECIPE, epochs=50, weight_decay=2.5e-6, dropout=0.25, warmup_steps=3000, augment=False),
@@ -89,6 +94,9 @@ class Config:
     augment: bool = option(False, "random crop (4 px zero padding) and horizontal flip of training images")
     resume: bool = option(False, "continue the run checkpointed in --workdir")
     solver: str = option("anderson", "forward and backward solver; anderson has m=5 (%(default)s)", choices=SOLVERS)
+    broyden_memory: int | None = option(None, "--solver broyden only: rank-one updates kept (default: deq_jax's "
+                                        "memory, 6 on the CIFAR models; the official MDEQ code keeps every update)",
+                                        type=int, metavar="N")
     damping: float = option(1.0, "--solver forward only: relaxed iteration z <- B f(z) + (1 - B) z, B in (0, 1] "
                             "(%(default)s)", metavar="B")
     f_tol: float = option(1e-2, "forward relative residual tolerance (%(default)s)")
@@ -105,6 +113,8 @@ class Config:
     fp_gamma: float = option(0.8, "fixed-point correction: the weight decay G in (0, 1] (%(default)s)", metavar="G")
     jac_reg: float = option(0.0, "weight of the Jacobian penalty ||J_f(z*)||_F^2 / D in the loss; 0 is off "
                             "(%(default)s)", metavar="WEIGHT")
+    warmup_jac_reg: float = option(0.0, "weight of the Jacobian penalty during the warm-up (--warmup-steps), taken "
+                                   "at the unrolled network's output; 0 is off (%(default)s)", metavar="WEIGHT")
     jac_reg_freq: float = option(1.0, "fraction of training steps that add the Jacobian penalty, drawn per step "
                                  "from (seed, step) (%(default)s)", metavar="P")
     norm: str = option("none", "kernel normalisation of the DEQ cell's convolutions: weight norm (g v / ||v||) "
@@ -117,6 +127,9 @@ class Config:
                                "weight-tied network, then on the equilibrium (%(default)s)", metavar="N")
     warmup_depth: int = option(10, "cell applications of the unrolled network during the warm-up (%(default)s)",
                                metavar="D")
+    input_scaling: str = option("unit", "pixels / 255 in [0, 1] (unit, the chapter's) or then per channel (x - mean) "
+                                "/ std with the official MDEQ loader's CIFAR-10 mean and std (mean-std) (%(default)s)",
+                                choices=ip.SCALINGS)
     dtype: str = option("float32", "computation dtype; parameters, solver state and loss stay float32 "
                         "(%(default)s)", choices=tuple(DTYPES))
     eval_budgets: tuple[int, ...] = option((), "after the last epoch, evaluate the test set with each forward "
@@ -142,6 +155,7 @@ class Config:
             check(name, lambda v: is_int(v) and v >= 1, "an int >= 1")
         for name in ("train_limit", "eval_limit"):
             check(name, lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 (or unset: the whole split)")
+        check("broyden_memory", lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 (or unset: deq_jax's default)")
         for name in ("lr", "f_tol", "b_tol"):
             check(name, lambda v: is_number(v) and v > 0, "a finite number > 0")
         for name in ("seed", "warmup_steps"):
@@ -157,7 +171,7 @@ class Config:
               "each state needs one f evaluation")
         check("eval_budgets", lambda v: isinstance(v, tuple) and all(is_int(b) and b >= 1 for b in v),
               "ints >= 1")
-        for name in ("jac_reg", "weight_decay"):
+        for name in ("jac_reg", "warmup_jac_reg", "weight_decay"):
             check(name, lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         check("dropout", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
         if self.model == "chapter":
@@ -190,7 +204,7 @@ class Config:
         """Returns the DEQ's forward solver and gradient strategy these settings describe."""
         make = {
             "anderson": lambda tol, max_iter: dj.Anderson(m=ANDERSON_M, tol=tol, max_iter=max_iter),
-            "broyden": dj.Broyden,
+            "broyden": lambda tol, max_iter: dj.Broyden(tol, max_iter, memory=self.broyden_memory),
             "forward": lambda tol, max_iter: dj.ForwardIteration(tol, max_iter, damping=self.damping),
         }[self.solver]
         if self.gradient == "phantom":

@@ -359,16 +359,33 @@ def exact_test_mask(ids: np.ndarray) -> np.ndarray:
     )
 
 
-def normalize(images):
-    """Maps uint8 pixels to float32 in [0, 1], as torchvision's ToTensor (no mean/std).
+# The official MDEQ CIFAR-10 loader's transforms.Normalize (locuslab/deq, MDEQ-Vision/tools/cls_train.py),
+# checked against that file by tests/test_mdeq_training.py. Its std is not the pixels' (0.247, 0.243, 0.261).
+MDEQ_MEAN = (0.4914, 0.4822, 0.4465)
+MDEQ_STD = (0.2023, 0.1994, 0.2010)
+SCALINGS = ("unit", "mean-std")
+
+
+def normalize(images, scaling: str = "unit"):
+    """Maps uint8 pixels to float32 model inputs.
 
     Args:
-        images: uint8 array (numpy or JAX, also inside `jit`).
+        images: uint8 array ``[..., 3]`` (numpy or JAX, also inside `jit`).
+        scaling: ``"unit"``: ``pixels / 255`` in [0, 1], as torchvision's ToTensor (the
+            chapter's); ``"mean-std"``: then per channel ``(x - MDEQ_MEAN) / MDEQ_STD``, as
+            the official MDEQ loader (ToTensor, then Normalize).
 
     Returns:
-        float32 array of the same shape and kind.
+        float32 array of the same shape and kind. (XLA computes the divisions as products with
+        reciprocals and may fuse them into multiply-adds: its values can differ from numpy's in
+        the last bit.)
     """
-    return images.astype("float32") / 255.0
+    if scaling not in SCALINGS:
+        raise ValueError(f"normalize: scaling must be one of {SCALINGS}, got {scaling!r}")
+    unit = images.astype("float32") / 255.0
+    if scaling == "unit":
+        return unit
+    return (unit - np.asarray(MDEQ_MEAN, np.float32)) / np.asarray(MDEQ_STD, np.float32)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, *, drop_remainder: bool = True) -> int:

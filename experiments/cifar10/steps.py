@@ -132,19 +132,30 @@ def in_warmup(config: Config, step: int) -> bool:
     return step < config.warmup_steps
 
 
+def penalty_weight(config: Config, warmup: bool) -> float:
+    """The Jacobian penalty's weight in a warm-up step (``warmup_jac_reg``) or an equilibrium step (``jac_reg``)."""
+    return config.warmup_jac_reg if warmup else config.jac_reg
+
+
 def penalty_applies(config: Config, step: int) -> bool:
     """Whether optimizer step ``step`` adds the Jacobian penalty, drawn on the host.
 
-    A deterministic draw of ``(seed, step)``: every process, and a resumed run, draws
-    the same. The loop then runs one of two compiled steps, so a step without the
+    Never where the step's weight (:func:`penalty_weight`) is 0; else a deterministic draw
+    of ``(seed, step)`` with probability ``jac_reg_freq``: every process, and a resumed run,
+    draws the same. The loop then runs one of two compiled steps, so a step without the
     penalty costs a plain step (a ``lax.cond`` inside one step ran about 77x slower on
     XLA:CPU, ``python -m experiments.benchmarks.jacobian_cost``).
     """
-    if config.jac_reg == 0:
+    if penalty_weight(config, in_warmup(config, step)) == 0:
         return False
     if config.jac_reg_freq == 1:
         return True
     return bool(np.random.default_rng([config.seed, PENALTY_STREAM, step]).random() < config.jac_reg_freq)
+
+
+def penalised(config: Config) -> bool:
+    """Whether any step of the run can add the Jacobian penalty (then its metrics are recorded)."""
+    return config.jac_reg > 0 or config.warmup_jac_reg > 0 and config.warmup_steps > 0
 
 
 def _solve_metrics(prefix: str, stats: dj.SolveStats | None) -> dict[str, jax.Array]:
@@ -191,8 +202,9 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
       model_def: from :func:`init_state`.
       tx: the optimizer.
       config: the gradient strategy and Jacobian regularisation settings (and the seed).
-      penalty: add ``config.jac_reg`` times the Jacobian penalty (static: compile one step
-        with and one without, see :func:`penalty_applies`); None: whenever ``jac_reg > 0``.
+      penalty: add the Jacobian penalty, weighted by :func:`penalty_weight` (static: compile one
+        step with and one without, see :func:`penalty_applies`); None: whenever that weight is > 0.
+        It is evaluated with the cell's state of this step's solve (its dropout mask).
       warmup: train the unrolled network of ``config.warmup_depth`` cell applications by
         plain backprop instead of the equilibrium (static, see :func:`in_warmup`); the
         Jacobian penalty is then taken at its output.
@@ -201,15 +213,17 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
       ``(new_state, metrics)``; metrics holds this batch's summed loss, correct count,
       example count, ``deq_batches`` (0 in the warm-up, else 1), the forward (and, for
       implicit gradients, backward) solver stats (zeros in the warm-up) and, with
-      ``jac_reg > 0``, the Jacobian penalty and whether it was added (``jac_penalty``,
+      :func:`penalised` settings, the Jacobian penalty and whether it was added (``jac_penalty``,
       ``jac_steps``; see :func:`metrics.summarize`).
     """
-    penalty = config.jac_reg > 0 if penalty is None else penalty
+    weight = penalty_weight(config, warmup)
+    penalty = weight > 0 if penalty is None else penalty
 
     def loss_fn(params, probe, batch_stats):
         model = model_def.merge(params, batch_stats, probe)
         nnx.reseed(model, dropout=stream_key(config.seed, DROPOUT_STREAM, state["step"]))
-        x = model.inject(ip.normalize(images), train=True)
+        x = model.inject(ip.normalize(images, config.input_scaling), train=True)
+        solved_with = nnx.state(model.deq.cell)  # the cell's mask for this step's f (the solve then advances it)
         if warmup:
             states, stats = [model.deq.unrolled(x, config.warmup_depth)], None
         else:
@@ -224,9 +238,9 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
         jac = jnp.zeros((), jnp.float32)
         if penalty:
             key = stream_key(config.seed, PENALTY_STREAM, state["step"])
-            jac = model.deq.jacobian_penalty(x, jax.lax.stop_gradient(z), key).mean()
+            jac = model.deq.jacobian_penalty(x, jax.lax.stop_gradient(z), key, cell_state=solved_with).mean()
         aux = (loss, logits, nnx.state(model, nnx.BatchStat), stats, jac)
-        return loss + config.jac_reg * jac, aux
+        return loss + weight * jac, aux
 
     grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
     (grads, probe_grads), (loss, logits, batch_stats, forward, jac) = grad_fn(
@@ -247,9 +261,27 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
         # The probe's gradient is the backward solve's stats, not a direction for optax.
         _, backward = dj.nn.split_backward_stats(probe_grads)
         metrics.update(_solve_metrics("bwd", None if warmup else backward["deq"]))
-    if config.jac_reg > 0:
+    if penalised(config):
         metrics.update(jac_penalty=jac, jac_steps=jnp.asarray(float(penalty), jnp.float32))
     return new_state, metrics
+
+
+def eval_logits(state: dict, images, budget=None, *, model_def: ModelDef, config: Config, warmup: bool = False,
+                batch_statistics: bool = False) -> tuple[jax.Array, dj.Solution | None]:
+    """The evaluation's logits of a batch and its forward solve (None in the warm-up); see :func:`eval_step`.
+
+    The head classifies the solve's ``value``, ``f(z)`` at the lowest-residual iterate ``z``
+    (the official MDEQ code classifies ``z``; see the CIFAR-10 guide for what that changes).
+    """
+    model = model_def.merge(state["params"], state["batch_stats"])
+    x = model.inject(ip.normalize(images, config.input_scaling), train=batch_statistics)
+    set_mode(model.deq, False)  # the cell as evaluated: no dropout mask, no power-iteration update
+    if warmup:
+        z, solution = model.deq.unrolled(x, config.warmup_depth), None
+    else:
+        solution = model.deq.solve(x, budget=budget)
+        z = solution.value
+    return model.classify(z, train=batch_statistics), solution
 
 
 def eval_step(state: dict, images, labels, mask, exact, budget=None, *, model_def: ModelDef, config: Config,
@@ -276,18 +308,11 @@ def eval_step(state: dict, images, labels, mask, exact, budget=None, *, model_de
       ``exact_count``, and (not in the warm-up) ``steps``, ``converged``: f evaluations and
       converged examples.
     """
-    model = model_def.merge(state["params"], state["batch_stats"])
-    x = model.inject(ip.normalize(images), train=batch_statistics)
-    set_mode(model.deq, False)  # the cell as evaluated: no dropout mask, no power-iteration update
-    solves = {}
-    if warmup:
-        z = model.deq.unrolled(x, config.warmup_depth)
-    else:
-        solution = model.deq.solve(x, budget=budget)
-        z = solution.value
-        solves = {"steps": jnp.sum(solution.num_steps * mask, dtype=jnp.float32),
-                  "converged": jnp.sum(solution.converged & mask, dtype=jnp.float32)}
-    logits = model.classify(z, train=batch_statistics)
+    logits, solution = eval_logits(state, images, budget, model_def=model_def, config=config, warmup=warmup,
+                                   batch_statistics=batch_statistics)
+    solves = {} if solution is None else {
+        "steps": jnp.sum(solution.num_steps * mask, dtype=jnp.float32),
+        "converged": jnp.sum(solution.converged & mask, dtype=jnp.float32)}
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = logits.argmax(-1) == labels
     return {
@@ -298,19 +323,21 @@ def eval_step(state: dict, images, labels, mask, exact, budget=None, *, model_de
     }
 
 
-def radius_step(state: dict, images, mask, *, model_def: ModelDef) -> dict:
+def radius_step(state: dict, images, mask, *, model_def: ModelDef, config: Config) -> dict:
     """Spectral radius of the cell's Jacobian at each test example's fixed point (a fixed key).
 
     Args:
       state: as in :func:`train_step`.
       images: uint8 [B, 32, 32, 3].
       mask: bool [B], False for padding.
+      model_def: from :func:`init_state`.
+      config: the input scaling.
 
     Returns:
       ``radius_sum``, ``radius_max`` and ``radius_count`` over the real examples.
     """
     model = model_def.merge(state["params"], state["batch_stats"])
-    x = model.inject(ip.normalize(images), train=False)
+    x = model.inject(ip.normalize(images, config.input_scaling), train=False)
     radius = model.deq.spectral_radius(x, model.deq(x), jax.random.key(0), RADIUS_ITERS)
     return {"radius_sum": jnp.sum(radius * mask), "radius_max": jnp.max(jnp.where(mask, radius, 0)),
             "radius_count": jnp.sum(mask, dtype=jnp.float32)}

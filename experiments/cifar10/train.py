@@ -35,8 +35,8 @@ from .config import Config
 from .errors import BadInputError
 from .metrics import accumulate, epoch_line, summarize
 from .model import param_count
-from .steps import (ModelDef, build_model, eval_step, in_warmup, init_state, penalty_applies, radius_step,
-                    split_model, train_step)
+from .steps import (ModelDef, build_model, eval_step, in_warmup, init_state, penalty_applies, penalty_weight,
+                    radius_step, split_model, train_step)
 
 # `sum(a.numel() for a in model.parameters())` of the chapter's model and of the official MDEQClsNet
 # for each yaml (tests/test_mdeq.py builds the official model to check the MDEQ counts).
@@ -130,18 +130,22 @@ def compile_steps(model_def: ModelDef, tx, state: dict, config: Config, mesh: Me
             in_shardings=(replicated, data, data, data, data), out_shardings=replicated,
         ).lower(state, images, labels, flags, flags).compile()
 
-    # The programs in_warmup and penalty_applies can ask for: with 0 < --jac-reg-freq < 1, both
-    # penalties; warm-up programs if it has steps, equilibrium ones if the run goes past it.
-    penalties = (False, True) if config.jac_reg > 0 and config.jac_reg_freq < 1 else (config.jac_reg > 0,)
+    # The programs in_warmup and penalty_applies can ask for: warm-up programs if it has steps,
+    # equilibrium ones if the run goes past it; each with the penalty where its weight is > 0, and
+    # also without it where 0 < --jac-reg-freq < 1.
     warmups = [warmup for warmup, needed in ((True, config.warmup_steps > 0),
                                              (False, config.warmup_steps < total_steps)) if needed]
+
+    def penalties(warmup):
+        on = penalty_weight(config, warmup) > 0
+        return (False, True) if on and config.jac_reg_freq < 1 else (on,)
     first_eval = total_steps // config.epochs  # steps taken at the first evaluation
     radius_jit = jax.jit(
-        functools.partial(radius_step, model_def=model_def),
+        functools.partial(radius_step, model_def=model_def, config=config),
         in_shardings=(replicated, data, data), out_shardings=replicated,
     )
     return Steps(
-        train={(warmup, penalty): train_jit(warmup, penalty) for warmup in warmups for penalty in penalties},
+        train={(warmup, penalty): train_jit(warmup, penalty) for warmup in warmups for penalty in penalties(warmup)},
         # After the last step too: an evaluation after a run that ends inside its warm-up is unrolled.
         eval={warmup: eval_jit(warmup) for warmup in {in_warmup(config, first_eval), in_warmup(config, total_steps)}},
         radius=radius_jit.lower(state, images, flags).compile(),
