@@ -290,6 +290,12 @@ def test_the_penalty_draw_is_a_function_of_seed_and_step():
     assert draws != [steps.penalty_applies(dataclasses.replace(config, seed=5), s) for s in range(2000)]
     assert all(steps.penalty_applies(dataclasses.replace(config, jac_reg_freq=1.0), s) for s in range(10))
     assert not any(steps.penalty_applies(Config(), s) for s in range(10))
+    # During a warm-up the weight is --warmup-jac-reg (the official PRETRAIN_JAC_LOSS_WEIGHT, 0 by default).
+    after_warmup = Config(jac_reg=0.5, warmup_steps=3)
+    assert [steps.penalty_applies(after_warmup, s) for s in range(5)] == [False, False, False, True, True]
+    in_warmup = Config(warmup_jac_reg=0.5, warmup_steps=3)
+    assert [steps.penalty_applies(in_warmup, s) for s in range(5)] == [True, True, True, False, False]
+    assert steps.penalised(in_warmup) and not steps.penalised(Config(warmup_jac_reg=0.5))
 
 
 def test_the_step_keys_are_not_keys_nnx_draws_weights_from():
@@ -316,7 +322,9 @@ def test_a_model_flag_starts_from_its_recipe_and_given_flags_override_it(tmp_pat
     tiny = config_of("--model", "mdeq-tiny")
     assert tiny == Config.for_model("mdeq-tiny")
     assert (tiny.solver, tiny.f_max_iter, tiny.b_max_iter, tiny.batch_size, tiny.dropout, tiny.warmup_steps,
-            tiny.weight_decay, tiny.norm) == ("broyden", 18, 20, 128, 0.25, 3000, 2.5e-6, "weight")
+            tiny.weight_decay, tiny.norm, tiny.input_scaling, tiny.warmup_jac_reg, tiny.broyden_memory) == (
+        "broyden", 19, 20, 128, 0.25, 3000, 2.5e-6, "weight", "mean-std", 0.0, None)
+    assert config_of("--model", "mdeq-tiny", "--broyden-memory", "17").solver_and_gradient()[0].memory == 17
     # A flag given with the chapter's default value (batch 100) still overrides the recipe's 128.
     given = config_of("--model", "mdeq-large", "--batch-size", "100", "--norm", "none", "--dropout", "0")
     assert (given.batch_size, given.norm, given.dropout, given.epochs, given.augment) == (100, "none", 0, 220, True)

@@ -1,19 +1,11 @@
 """The multiscale DEQ cell, its stem and classifier head: shapes, parameter counts, dropout, errors,
 and parity with the official PyTorch MDEQ (locuslab/deq, ``MDEQ-Vision``) on the same weights.
 
-The parity tests need torch, PyYAML and the official code exported to ``$DEQ_MDEQ_REFERENCE``
-(default /tmp/mdeq_ref; e.g. ``git archive HEAD lib MDEQ-Vision/lib MDEQ-Vision/experiments |
-tar -x -C /tmp/mdeq_ref`` in a clone of locuslab/deq); without them they skip. Modules are
+The parity tests need torch, PyYAML and the official code (``../shared/reference/locuslab-deq``, or
+``$DEQ_MDEQ_REFERENCE``; see ``experiments/cifar10/official_mdeq.py``); without them they skip. Modules are
 built abstractly (``nnx.eval_shape``) wherever values are not needed: on XLA:CPU every
 distinct initializer shape costs a compilation.
 """
-import contextlib
-import importlib
-import importlib.util
-import os
-import sys
-import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +14,11 @@ import pytest
 from flax import nnx
 
 import deq_jax as dj
-from deq_jax.nn import WeightNorm
+from experiments.cifar10 import official_mdeq as om
 from experiments.cifar10.model import MDEQ_PRESETS, MDEQ_SHARED, CifarMDEQ
 from deq_jax.nn.mdeq import MDEQCell, VariationalDropout
 from deq_jax.nn.mdeq_head import MDEQClassifierHead, MDEQStem
 
-REFERENCE = Path(os.environ.get("DEQ_MDEQ_REFERENCE", "/tmp/mdeq_ref"))
 # Parameter counts of the official MDEQClsNet for the CIFAR-10 yamls (weight norm's g and v both
 # counted), measured with torch 2.13 on locuslab/deq 1fb7059; ours (stem + cell + head) are equal.
 OFFICIAL_COUNTS = {"TINY": 158_890, "LARGE": 11_097_438}
@@ -233,45 +224,14 @@ def test_bad_head_inputs():
 
 # --- parity with the official PyTorch code ------------------------------------------------------------
 
-@contextlib.contextmanager
-def _reference_on_path():
-    """Puts the official code first on sys.path (hiding same-named modules); undoes both afterwards."""
-    names = ("mdeq", "mdeq_core", "utils", "lib", "models")
-    hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in names}
-    saved_path = list(sys.path)
-    sys.path[:0] = [str(REFERENCE / "MDEQ-Vision/lib/models"), str(REFERENCE / "MDEQ-Vision/lib"), str(REFERENCE)]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved_path
-        for k in [k for k in sys.modules if k.split(".")[0] in names]:
-            del sys.modules[k]
-        sys.modules.update(hidden)
-
-
 @pytest.fixture(scope="module")
 def official():
-    """``(torch, mdeq)``: the official ``MDEQ-Vision/lib/models/mdeq.py``, or a skip."""
-    torch = pytest.importorskip("torch")
-    yaml = pytest.importorskip("yaml")
-    if not (REFERENCE / "MDEQ-Vision/lib/models/mdeq.py").exists():
-        pytest.skip(f"the official MDEQ code is not at {REFERENCE} (set DEQ_MDEQ_REFERENCE)")
-    if importlib.util.find_spec("termcolor") is None:  # only used for printing
-        sys.modules["termcolor"] = types.SimpleNamespace(colored=lambda text, *args, **kwargs: text)
-    with _reference_on_path():
-        mdeq = importlib.import_module("mdeq")
-
-    def build(name, **model_changes):
-        cfg = yaml.safe_load((REFERENCE / f"MDEQ-Vision/experiments/cifar/cls_mdeq_{name}.yaml").read_text())
-        stage = cfg["MODEL"]["EXTRA"]["FULL_STAGE"]
-        for key in ("BLOCK_GN_AFFINE", "FUSE_GN_AFFINE", "POST_GN_AFFINE"):  # lib/config/default.py
-            cfg["MODEL"].setdefault(key, True)
-        for key, value in model_changes.items():
-            (stage if key in stage or key == "NUM_BRANCHES" else cfg["MODEL"])[key] = value
-        torch.manual_seed(0)
-        return mdeq.get_cls_net(cfg)
-
-    return torch, build
+    """``(torch, build)``: the official code's torch and its ``get_cls_net`` of a yaml, or a skip."""
+    reason = om.missing()
+    if reason is not None:
+        pytest.skip(reason)
+    loaded = om.load()
+    return loaded.torch, lambda name, **changes: loaded.build(name, **changes)
 
 
 @pytest.mark.parametrize("name", ["TINY", "LARGE"])
@@ -281,68 +241,8 @@ def test_official_parameter_count(official, name):
 
 
 def transfer(model, net, torch):
-    """Copies the official model's parameters and running statistics into our (abstract) ``model``.
-
-    Returns the ids of the torch tensors used.
-    """
-    used = set()
-
-    def put(variable, tensor, layout=None, flatten=False):
-        value = tensor.detach().numpy()
-        value = value.transpose(layout) if layout else value.reshape(-1) if flatten else value
-        assert variable.get_value().shape == value.shape
-        variable.set_value(jnp.asarray(value))
-        used.add(id(tensor))
-
-    def conv(ours, theirs):
-        if isinstance(ours, WeightNorm):  # g [O, 1, 1, 1], v OIHW
-            put(ours.layer.kernel, theirs.weight_v, (2, 3, 1, 0))
-            put(ours.scale, theirs.weight_g, flatten=True)
-        else:
-            put(ours.kernel, theirs.weight, (2, 3, 1, 0))  # OIHW -> HWIO
-        if theirs.bias is not None:
-            put(ours.bias, theirs.bias)
-
-    def norm(ours, theirs):
-        if theirs.weight is not None:
-            put(ours.scale, theirs.weight)
-            put(ours.bias, theirs.bias)
-        if isinstance(theirs, torch.nn.BatchNorm2d):
-            put(ours.mean, theirs.running_mean)
-            put(ours.var, theirs.running_var)
-
-    layers = [m for m in net.downsample if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
-    for layer, (c, n) in zip(model.stem.layers, zip(layers[::2], layers[1::2])):
-        conv(layer.conv, c), norm(layer.norm, n)
-    if net.stage0 is not None:
-        conv(model.stem.stage0.conv, net.stage0[0]), norm(model.stem.stage0.norm, net.stage0[1])
-    stage = net.fullstage
-    for ours, theirs in zip(model.cell.branches, stage.branches):
-        for block, tblock in zip(ours, theirs.blocks):
-            conv(block.conv1, tblock.conv1), conv(block.conv2, tblock.conv2)
-            for k in (1, 2, 3):
-                norm(getattr(block, f"norm{k}"), getattr(tblock, f"gn{k}"))
-    for i, row in enumerate(model.cell.fuse):
-        for j, fusion in enumerate(row):
-            theirs = stage.fuse_layers[i][j]
-            steps = theirs.net if j < i else [theirs.net] if j > i else []
-            ours = zip(fusion.convs, fusion.norms) if j < i else [(fusion.conv, fusion.norm)] if j > i else []
-            for (c, n), step in zip(ours, steps):
-                conv(c, step.conv), norm(n, step.gnorm)
-    for post, theirs in zip(model.cell.post, stage.post_fuse_layers):
-        conv(post.conv, theirs.conv), norm(post.norm, theirs.gnorm)
-    for ours, theirs in zip(model.head.increase, net.incre_modules):
-        theirs = theirs[0]
-        for k in (1, 2, 3):
-            conv(getattr(ours, f"conv{k}"), getattr(theirs, f"conv{k}"))
-            norm(getattr(ours, f"norm{k}"), getattr(theirs, f"bn{k}"))
-        if theirs.downsample is not None:
-            conv(ours.project, theirs.downsample[0]), norm(ours.project_norm, theirs.downsample[1])
-    for ours, theirs in zip([*model.head.downsample, model.head.final], [*net.downsamp_modules, net.final_layer]):
-        conv(ours.conv, theirs[0]), norm(ours.norm, theirs[1])
-    put(model.head.classifier.kernel, net.classifier.weight, (1, 0))
-    put(model.head.classifier.bias, net.classifier.bias)
-    return used
+    """The official model's parameters and running statistics copied into ``model`` (a ``Model``)."""
+    return om.transfer(model.stem, model.cell, model.head, net, torch)
 
 
 def perturb(net, torch):
@@ -357,10 +257,6 @@ def perturb(net, torch):
                 b.copy_(0.1 * noise(b))
             elif name.endswith("running_var"):
                 b.copy_(1 + 0.5 * torch.rand(b.shape, generator=gen, dtype=b.dtype))
-
-
-def nchw(a, torch):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
 
 
 VARIANT = dict(channels=(16, 8, 24), num_blocks=(2, 1, 1), big_kernels=(1, 2, 0), head=(4, 8, 4), final=24,
@@ -388,7 +284,7 @@ def test_parity_with_official(x64, official, name):
     rng = np.random.default_rng(0)  # numpy's: each shape of jax.random.normal costs seconds of compilation
     images, x = rng.normal(size=(2, size, size, 3)), rng.normal(size=(2, 8, 8, spec["channels"][0]))
     z = tuple(rng.normal(size=shape) for shape in model.cell.state_shapes(x))
-    torch_z, torch_x = [nchw(a, torch) for a in z], [nchw(x, torch)] + [torch.zeros_like(nchw(a, torch)) for a in z[1:]]
+    torch_z, torch_x = [om.nchw(a, torch) for a in z], [om.nchw(x, torch)] + [torch.zeros_like(om.nchw(a, torch)) for a in z[1:]]
     net.fullstage._reset(torch_z)  # computes the weight-normalised weights (and dropout masks) as the official forward
     with torch.no_grad():
         want = [t.numpy().transpose(0, 2, 3, 1) for t in net.fullstage(torch_z, torch_x)]
@@ -400,7 +296,7 @@ def test_parity_with_official(x64, official, name):
     for mode in ("eval", "train"):  # running statistics, then batch statistics
         getattr(net, mode)(), getattr(model, mode)()
         with torch.no_grad():
-            stem = net.downsample(nchw(images, torch))
+            stem = net.downsample(om.nchw(images, torch))
             stem = (net.stage0(stem) if net.stage0 is not None else stem).numpy().transpose(0, 2, 3, 1)
             logits = net.predict(torch_z).numpy()
         got_stem, got_logits = stem_and_head(model, images, z)

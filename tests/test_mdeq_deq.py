@@ -107,6 +107,24 @@ def test_training_aids_take_the_tuple_state(x64):
     assert np.all(np.asarray(penalty) > 0) and np.all((np.asarray(radius) > 0) & (np.asarray(radius) < 1))
 
 
+def test_the_penalty_sees_the_solves_dropout_mask_when_given_its_cell_state(x64):
+    deq = dj.nn.DEQ(small_cell(dropout=0.3), solver=TIGHT)
+    x, key = injection(), jax.random.key(0)
+    f, before = dj.nn.explicit_cell(nnx.clone(deq.cell))
+
+    @nnx.jit
+    def penalties(deq, x):
+        solved_with = nnx.clone(nnx.state(deq.cell))
+        z = jax.lax.stop_gradient(deq(x))
+        return z, deq.jacobian_penalty(x, z, key, cell_state=solved_with), deq.jacobian_penalty(x, z, key)
+
+    z, same_mask, next_mask = penalties(deq, x)
+    # The penalty of the very f whose fixed point z is: this pass's mask, by hand.
+    by_hand = jax.jit(lambda z, state: dj.jacobian_penalty(f, z, (state, x), key))(z, before)
+    np.testing.assert_allclose(same_mask, by_hand, rtol=1e-12)
+    assert not np.allclose(same_mask, next_mask, rtol=1e-3), "after the solve the cell draws another mask"
+
+
 def test_a_bfloat16_cell_keeps_a_float32_state():
     deq = dj.nn.DEQ(small_cell(dtype=jnp.bfloat16, param_dtype=jnp.float32), solver=dj.Broyden(tol=1e-2, max_iter=30))
     x = injection(dtype=jnp.float32)

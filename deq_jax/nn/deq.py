@@ -275,8 +275,9 @@ class DEQ(nnx.Module):
 
         A solve (or ``unrolled``) advances the cell's non-parameter state, so a dropout
         mask drawn now is not the one that solve used. To penalise the ``f`` whose fixed
-        point ``z`` is -- same mask, same statistics -- pass the cell's state from before
-        the solve: ``cell_state = nnx.state(deq.cell)``, taken just before it.
+        point ``z`` is -- same mask, same statistics -- pass a copy of the cell's state taken
+        before the solve: ``cell_state = nnx.clone(nnx.state(deq.cell))`` (``nnx.state`` alone
+        refers to the cell's variables, which the solve then advances).
 
         Args:
           x: the injection the fixed point was solved for.
@@ -294,7 +295,7 @@ class DEQ(nnx.Module):
           >>> deq = dj.nn.DEQ(dj.nn.ResNetCell(8, 16, num_groups=4, rngs=nnx.Rngs(0)))
           >>> x = jnp.ones((2, 6, 6, 8))
           >>> def loss(deq):
-          ...     solved_with = nnx.state(deq.cell)
+          ...     solved_with = nnx.clone(nnx.state(deq.cell))
           ...     z = jax.lax.stop_gradient(deq(x))
           ...     return jnp.mean(z ** 2) + 0.1 * deq.jacobian_penalty(x, z, jax.random.key(0),
           ...                                                          cell_state=solved_with).mean()

@@ -1,6 +1,6 @@
 """Q2. deq_jax against the chapter's PyTorch code: same problems, inputs, weights, machine.
 
-Three workloads, each run back to back (alternating, median over rounds):
+Four workloads, each run back to back (alternating, median over rounds):
   1. forward solve of the chapter's demo (``ResNetCell(64, 128)``, x ~ N(0, 1) of
      10x32x32x64, z0 = 0, tol 1e-4, max_iter 50), Anderson (m=5, beta=1) and forward
      iteration: the chapter's ``anderson`` / ``forward_iteration`` under
@@ -21,7 +21,10 @@ Three workloads, each run back to back (alternating, median over rounds):
      same rounds, on the same batches, deq_jax also trains with the recommended (docs/benchmarks.md, Q8)
      setting (``--gradient phantom --f-max-iter 12``: Anderson capped at 12 f evaluations,
      Phantom(1)) and with Broyden (``--solver broyden``, the chapter's settings otherwise),
-     in the first convolution form and dtype (``--settings``).
+     in the first convolution form and dtype (``--settings``);
+  4. one MDEQ-tiny training step (official recipe, batch 128) against the official
+     PyTorch code on the same weights and batches (``mdeq_vs_official``; skipped where
+     the official code is absent).
 
 Weights are copied from JAX to PyTorch (HWIO -> OIHW kernels, GroupNorm/BatchNorm
 scale/bias -> weight/bias, the linear layer's inputs reordered from HWC to CHW) and
@@ -57,7 +60,7 @@ SIZES = {
     "quick": {"cell": (8, 16, 2, 8), "batches": (4,)},
 }
 TOL = 1e-4
-WORKLOADS = ("solve", "layer", "train")
+WORKLOADS = ("solve", "layer", "train", "mdeq")
 DTYPES = ("float32", "bfloat16")
 # deq_jax's training-step settings: overrides of the experiment's Config (its defaults are the
 # chapter's). "recommended" is docs/benchmarks.md's (and ablation.RECOMMENDED's) setting.
@@ -332,7 +335,7 @@ def run(quick: bool = False, repeats: int | None = None, batches=None, dtypes=DT
       batches: training-step batch sizes (default: 32 and 100; quick: 4).
       dtypes: deq_jax's training-step dtypes; 'bfloat16' is skipped, with a note, when
         the experiment's ``CifarDEQ`` has no ``dtype`` parameter.
-      workloads: any of ``WORKLOADS``: forward solves, the DEQ layer, training steps.
+      workloads: any of ``WORKLOADS``: forward solves, the DEQ layer, training steps, the MDEQ step.
       settings: deq_jax's training-step settings, keys of ``SETTINGS``: the chapter's (every
         convolution form and dtype), and each other one in the first form and dtype.
     """
@@ -349,6 +352,11 @@ def run(quick: bool = False, repeats: int | None = None, batches=None, dtypes=DT
     if "train" in workloads:
         for batch_size in batches or sizes["batches"]:
             rows += training_steps(ref, batch_size, repeats, quick, dtypes, settings)
+    if "mdeq" in workloads:
+        from . import mdeq_vs_official  # it builds on this module's rows
+
+        mdeq_rows, mdeq_notes = mdeq_vs_official.training_rows(repeats, quick)
+        rows, notes = rows + mdeq_rows, notes + mdeq_notes
     notes = table_notes(ref, sizes) + notes
     return common.Result("Q2. deq_jax vs the chapter's PyTorch code", table(rows), rows, notes,
                          (before, common.load()))
@@ -421,7 +429,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=DTYPES,
                         help="deq_jax's training-step dtypes (bfloat16 only where CifarDEQ takes a dtype)")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS,
-                        help="solve: forward solves; layer: DEQ layer forward + backward; train: training steps")
+                        help="solve: forward solves; layer: DEQ layer forward + backward; train: training steps; "
+                             "mdeq: an MDEQ-tiny training step against the official PyTorch code")
     parser.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=tuple(SETTINGS),
                         help="deq_jax's training-step settings: the chapter's (every convolution form and dtype), "
                              "recommended (--gradient phantom --f-max-iter 12) and broyden (--solver broyden), "

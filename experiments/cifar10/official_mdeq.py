@@ -252,6 +252,32 @@ class Trainer:
             return self.net(images, train_step=self.steps, compute_jac_loss=False, f_thres=self.f_thres)[0].numpy()
 
 
+class SolveLog:
+    """Wraps the official solver (``net.f_solver = net.b_solver = SolveLog(net.f_solver)``): records each
+    solve's lowest (batch-wide) residual and its evaluations -- f evaluations forward; VJPs backward, less
+    the first, of a zero vector (deq_jax's backward solve starts after it)."""
+
+    def __init__(self, solver):
+        self.solver, self.records = solver, []
+
+    def __call__(self, func, z, **kwargs):
+        calls = []
+
+        def counted(y):
+            calls.append(1)
+            return func(y)
+
+        result = self.solver(counted, z, **kwargs)
+        name = kwargs.get("name")
+        self.records.append((name, result["lowest"], len(calls) - (name == "backward")))
+        return result
+
+    def mean(self, name: str) -> tuple[float | None, float | None]:
+        """Mean ``(residual, evaluations)`` of the ``"forward"`` or ``"backward"`` solves recorded."""
+        rows = [(r, n) for who, r, n in self.records if who == name]
+        return (float(np.mean([r for r, _ in rows])), float(np.mean([n for _, n in rows]))) if rows else (None, None)
+
+
 @contextlib.contextmanager
 def _no_cuda_sync(torch):
     """The official backward hook calls ``torch.cuda.synchronize()``, which a CPU build refuses: a no-op here."""

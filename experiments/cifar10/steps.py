@@ -223,7 +223,8 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
         model = model_def.merge(params, batch_stats, probe)
         nnx.reseed(model, dropout=stream_key(config.seed, DROPOUT_STREAM, state["step"]))
         x = model.inject(ip.normalize(images, config.input_scaling), train=True)
-        solved_with = nnx.state(model.deq.cell)  # the cell's mask for this step's f (the solve then advances it)
+        # A copy of the cell's state as this step's f sees it (its dropout mask); the solve then advances it.
+        solved_with = nnx.clone(nnx.state(model.deq.cell))
         if warmup:
             states, stats = [model.deq.unrolled(x, config.warmup_depth)], None
         else:
