@@ -1,4 +1,5 @@
 """Every benchmark runs in quick mode and produces a sane table (never an assertion on time)."""
+import dataclasses
 import json
 import math
 
@@ -10,6 +11,7 @@ import pytest
 from experiments.benchmarks import __main__ as run_all
 from experiments.benchmarks import (backward_scale, common, mdeq_cost, memory, ops, scaling, solver_overhead,
                                    vs_jax_peers, vs_pytorch)
+from experiments.cifar10 import official_mdeq
 
 
 def check_table(result: common.Result, columns: int) -> None:
@@ -70,8 +72,10 @@ def test_solver_overhead():
 
 def test_vs_pytorch(tmp_path):
     path = tmp_path / "q2.json"
-    result = vs_pytorch.main(["--quick", "--json", str(path), *(["--synthetic-data"] if NO_CIFAR else [])])
-    check_table(result, columns=10)
+    everything = vs_pytorch.main(["--quick", "--json", str(path), *(["--synthetic-data"] if NO_CIFAR else [])])
+    check_table(everything, columns=10)
+    mdeq = [r for r in everything.rows if r["workload"].startswith("MDEQ-tiny")]
+    result = dataclasses.replace(everything, rows=[r for r in everything.rows if r not in mdeq])
     dtypes = ("", ", bfloat16") if common.model_takes_dtype() else ("",)
     first = next(iter(common.CONVS))
     recommended = "recommended (--gradient phantom --f-max-iter 12)"
@@ -102,8 +106,15 @@ def test_vs_pytorch(tmp_path):
     assert result.rows[3]["deq_jax_evals"] == result.rows[4]["deq_jax_evals"]
     if has_torch:  # the same weights and inputs give the same gradient, to solver tolerance
         assert float(result.rows[2]["note"].split()[-1]) < 1e-2
+    # The MDEQ rows: deq_jax at two Broyden memories against the official code's step, where that code is.
+    if official_mdeq.missing() is None:
+        assert [r["setting"] for r in mdeq] == ["official recipe, default memory", "official recipe, --broyden-memory 20"]
+        for r in mdeq:
+            assert positive(r["ratio"]) and r["deq_jax_evals"] == r["torch_evals"] == "19.0 f + 1 f, 20.0 VJP"
+    else:
+        assert not mdeq and "MDEQ row skipped" in everything.markdown()
     record = json.loads(path.read_text())
-    assert record["rows"] == json.loads(json.dumps(result.rows)) and record["devices"] == common.devices()
+    assert record["rows"] == json.loads(json.dumps(everything.rows)) and record["devices"] == common.devices()
 
 
 def test_vs_pytorch_flags(monkeypatch, tmp_path):

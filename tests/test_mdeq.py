@@ -145,6 +145,24 @@ def test_full_model_parameter_count(name):
     assert count(experiment) == OFFICIAL_COUNTS[name]
 
 
+# --- BatchNorm as PyTorch's ----------------------------------------------------------------------------
+
+def test_torch_batch_norm_mixes_the_unbiased_variance_into_its_running_variance():
+    from deq_jax.nn.mdeq_head import TorchBatchNorm
+
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 5, 5, 3))
+    norm = TorchBatchNorm(3, momentum=0.9, epsilon=1e-5, use_fast_variance=False, rngs=nnx.Rngs(0))
+    y = norm(jnp.asarray(x, jnp.float32), use_running_average=False)
+    flat = x.reshape(-1, 3)
+    # The output uses the biased variance; the running variance mixes in 0.1 of the unbiased one (n = 100).
+    np.testing.assert_allclose(y, (x - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(norm.var[...], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(norm.mean[...], 0.1 * flat.mean(0), rtol=1e-6)
+    before = np.asarray(norm.var[...])
+    norm(jnp.asarray(x, jnp.float32), use_running_average=True)  # evaluation updates nothing
+    np.testing.assert_array_equal(norm.var[...], before)
+
+
 # --- variational dropout -----------------------------------------------------------------------------
 
 def test_variational_dropout_masks():

@@ -25,6 +25,7 @@ import optax
 import pytest
 from flax import nnx
 
+from experiments.cifar10 import compare_official
 from experiments.cifar10 import input_pipeline as ip
 from experiments.cifar10 import official_mdeq as om
 from experiments.cifar10.config import Config
@@ -181,3 +182,20 @@ def test_iteration_caps_count_as_the_official_broyden(official):
     calls.clear()
     official.solvers.broyden(f, torch.zeros(2, 3, 1), threshold=cfg["B_THRES"], eps=-1.0)
     assert sum(calls) == cfg["B_THRES"] == recipe.b_max_iter
+
+
+def test_the_comparison_table_and_the_solve_log():
+    rows = [{"side": side, "seed": seed, "train_acc": 0.2 + seed / 10, "test_acc": 0.1, "test_acc_batch_stats": 0.3,
+             "fwd_residual": 0.05, "fwd_steps": 19.0, "bwd_residual": 0.1, "bwd_steps": 20.0, "s_per_step": 12.0}
+            for side in ("official", "deq_jax") for seed in (0, 1)]
+    rows[0]["test_acc_f_of_z"] = 0.125
+    lines = compare_official.table(rows).splitlines()
+    assert len(lines) == 2 + 4 + 2 and lines[0].startswith("| side | seed | train_acc | test_acc |")
+    assert "| **official** | mean (min–max) | 0.250 (0.200–0.300) |" in lines[-1]
+    assert "0.125" in lines[2] and "—" in lines[4]  # official's f(z*) accuracy; deq_jax has none
+
+    log = om.SolveLog(lambda func, z, **kwargs: {"result": func(func(z)), "lowest": 0.5, "nstep": 2})
+    log(lambda z: z + 1, 0, name="forward")
+    log(lambda z: z + 1, 0, name="backward")  # its first VJP, of a zero vector, is not counted
+    assert log.mean("forward") == (0.5, 2.0) and log.mean("backward") == (0.5, 1.0)
+    assert log.mean("neither") == (None, None)

@@ -137,6 +137,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--eval-limit", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--broyden-memory", type=int, default=None,
+                        help="deq_jax's Broyden memory (default: its own, 6 on MDEQ-tiny); the official keeps all")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -146,13 +148,16 @@ def main(argv=None) -> list[dict]:
     for seed in args.seeds:
         config = Config.for_model("mdeq-tiny", data_dir=args.data_dir, seed=seed, epochs=args.epochs,
                                   train_limit=args.train_limit, eval_limit=args.eval_limit,
-                                  warmup_steps=args.warmup_steps)
+                                  warmup_steps=args.warmup_steps, broyden_memory=args.broyden_memory)
+        memory = "" if args.broyden_memory is None else f"_memory{args.broyden_memory}"
         sides = {"official": lambda: run_official(config, train, test, official_mdeq.load()),
-                 "deq_jax": functools.partial(run_deq_jax, config, workdir / f"deq_jax_seed{seed}")}
+                 "deq_jax": functools.partial(run_deq_jax, config, workdir / f"deq_jax{memory}_seed{seed}")}
         for side in args.sides.split(","):
-            rows.append({"side": side, "seed": seed, **sides[side]()})
-            # One file per invocation's sides, so that one process per side can run at once.
-            (workdir / f"results_{args.sides.replace(',', '_')}.json").write_text(json.dumps(rows, indent=2) + "\n")
+            label = side if side == "official" or not memory else f"deq_jax, --broyden-memory {args.broyden_memory}"
+            rows.append({"side": label, "seed": seed, **sides[side]()})
+            # One file per invocation, so that one process per side can run at once.
+            name = f"results_{args.sides.replace(',', '_')}{memory}_seeds{'_'.join(map(str, args.seeds))}.json"
+            (workdir / name).write_text(json.dumps(rows, indent=2) + "\n")
     everything = [row for path in sorted(workdir.glob("results_*.json")) for row in json.loads(path.read_text())]
     print(table(everything))
     return everything
