@@ -81,7 +81,8 @@ def training_rows(repeats: int, quick: bool) -> tuple[list[dict], list[str]]:
         r = vs_pytorch.row(f"MDEQ-tiny training step, batch {batch_size}, vs the official code", times[name],
                            torch_times, f"{fwd:.1f} f + 1 f, {bwd:.1f} VJP", theirs, batch_size,
                            setting=f"official recipe, {name}")
-        r["note"] = source if not rows else f"{times[name] / times[next(iter(contenders))]:.2f}x the default memory's time"
+        default = times[next(iter(contenders))]
+        r["note"] = source if not rows else f"{times[name] / default:.2f}x the default memory's time"
         rows.append(r)
     notes = ["MDEQ row: the official cls_mdeq_TINY.yaml model at its initialisation and recipe past the warm-up "
              "(Broyden 18/20 at tol 1e-3, dropout 0.25), the official code's own training step against the "

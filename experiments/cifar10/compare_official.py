@@ -34,8 +34,8 @@ from .config import Config, budget_list
 from .train import train_and_evaluate
 
 OFFICIAL_TEST_BATCH = 64  # cls_mdeq_TINY.yaml: TEST.BATCH_SIZE_PER_GPU 32 x GPUS (0, 1)
-COLUMNS = ("train_acc", "test_acc", "test_acc_batch_stats", "test_acc_f_of_z", "fwd_residual", "fwd_steps", "bwd_residual",
-           "bwd_steps", "s_per_step")
+COLUMNS = ("train_acc", "test_acc", "test_acc_batch_stats", "test_acc_f_of_z", "fwd_residual", "fwd_steps",
+           "bwd_residual", "bwd_steps", "s_per_step")
 
 
 def run_deq_jax(config: Config, workdir: Path) -> dict:
@@ -105,7 +105,8 @@ def run_official(config: Config, train: ip.Split, test: ip.Split, official) -> d
     return {"train_acc": correct / (per_epoch * config.batch_size), "test_acc": _official_accuracy(trainer, test),
             "test_acc_batch_stats": _official_accuracy(trainer, test, batch_statistics=True),
             "test_acc_f_of_z": _official_accuracy(trainer, test, classify_f=True),
-            "fwd_residual": fwd_res, "fwd_steps": fwd_steps, "bwd_residual": bwd_res, "bwd_steps": bwd_steps, "s_per_step": seconds / per_epoch}
+            "fwd_residual": fwd_res, "fwd_steps": fwd_steps, "bwd_residual": bwd_res, "bwd_steps": bwd_steps,
+            "s_per_step": seconds / per_epoch}
 
 
 def table(rows: list[dict]) -> str:

@@ -155,7 +155,8 @@ class Config:
             check(name, lambda v: is_int(v) and v >= 1, "an int >= 1")
         for name in ("train_limit", "eval_limit"):
             check(name, lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 (or unset: the whole split)")
-        check("broyden_memory", lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 (or unset: deq_jax's default)")
+        check("broyden_memory", lambda v: v is None or is_int(v) and v >= 1,
+              "an int >= 1 (or unset: deq_jax's default)")
         for name in ("lr", "f_tol", "b_tol"):
             check(name, lambda v: is_number(v) and v > 0, "a finite number > 0")
         for name in ("seed", "warmup_steps"):

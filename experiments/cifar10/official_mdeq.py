@@ -243,7 +243,7 @@ class Trainer:
             loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        return float(loss), output.detach().numpy()
+        return loss.item(), output.detach().numpy()
 
     def logits(self, images) -> np.ndarray:
         """Evaluation logits (``cls_function.validate``: eval mode, the warm-up switch by the steps taken)."""
