@@ -64,7 +64,8 @@ def training_rows(repeats: int, quick: bool) -> tuple[list[dict], list[str]]:
     contenders = {"default memory": config, "--broyden-memory 20": every}
     fns, histories = {}, {}
     for name, settings in contenders.items():
-        fns[name], histories[name] = _training(model_def, jax.tree.map(jnp.copy, state), tx, settings, batches)
+        step = jax.jit(functools.partial(train_step, model_def=model_def, tx=tx, config=settings), donate_argnums=0)
+        fns[name], histories[name] = vs_pytorch.jax_training(step, jax.tree.map(jnp.copy, state), batches)
 
     def official_step(images, labels):
         pixels = official_mdeq.nchw(ip.normalize(images, config.input_scaling), torch)
@@ -75,13 +76,12 @@ def training_rows(repeats: int, quick: bool) -> tuple[list[dict], list[str]]:
     times = common.interleaved(fns, repeats)
     torch_times = {k: v for k, v in times.items() if k.startswith("PyTorch")}
     theirs = f"{log.mean('forward')[1]:.1f} f + 1 f, {log.mean('backward')[1]:.1f} VJP"
-    rows = []
+    rows, default = [], times[next(iter(contenders))]
     for name, history in histories.items():
         fwd, bwd = np.mean(history, axis=0)
         r = vs_pytorch.row(f"MDEQ-tiny training step, batch {batch_size}, vs the official code", times[name],
                            torch_times, f"{fwd:.1f} f + 1 f, {bwd:.1f} VJP", theirs, batch_size,
                            setting=f"official recipe, {name}")
-        default = times[next(iter(contenders))]
         r["note"] = source if not rows else f"{times[name] / default:.2f}x the default memory's time"
         rows.append(r)
     notes = ["MDEQ row: the official cls_mdeq_TINY.yaml model at its initialisation and recipe past the warm-up "
@@ -90,17 +90,4 @@ def training_rows(repeats: int, quick: bool) -> tuple[list[dict], list[str]]:
              "batch-wide solve's (VJPs less the first, of a zero vector); + 1 f: the linearisation at z* (official: "
              "f(z*) on the tape)."]
     return rows, notes
-
-
-def _training(model_def, state, tx, config, batches):
-    """The experiment's jitted ``train_step`` from ``state`` as a contender on ``batches``, and its solver steps."""
-    step = jax.jit(functools.partial(train_step, model_def=model_def, tx=tx, config=config), donate_argnums=0)
-    ours, history = {"state": state}, []
-
-    def run(images, labels):
-        ours["state"], metrics = common.block(step(ours["state"], images, labels))
-        metrics = jax.device_get(metrics)
-        history.append((metrics["fwd_steps_max"], metrics["bwd_steps_max"]))
-
-    return vs_pytorch.on_batches(run, batches), history
 

@@ -53,27 +53,18 @@ def run_deq_jax(config: Config, workdir: Path) -> dict:
 
 def _official_accuracy(trainer, split: ip.Split, *, batch_statistics=False, classify_f=False) -> float:
     """Test accuracy of the official model in batches of 64 (BatchNorm running statistics unless asked)."""
-    torch, net = trainer.torch, trainer.net
-    saved = {k: v.clone() for k, v in net.state_dict().items()}
-    solver = net.f_solver
+    net, solver = trainer.net, trainer.net.f_solver
     if classify_f:  # classify f(z*), as deq_jax does, instead of the official z*
         def solve_then_apply(func, z, **kwargs):
             result = solver(func, z, **kwargs)
             return {**result, "result": func(result["result"])}
         net.f_solver = solve_then_apply
     correct = 0
-    with torch.no_grad():
-        for start in range(0, len(split), OFFICIAL_TEST_BATCH):
-            images = split.images[start:start + OFFICIAL_TEST_BATCH]
-            pixels = official_mdeq.nchw(ip.normalize(images, "mean-std"), torch)
-            net.eval()
-            if batch_statistics:
-                for module in net.modules():
-                    if isinstance(module, torch.nn.BatchNorm2d):
-                        module.train()
-            logits = net(pixels, train_step=trainer.steps, compute_jac_loss=False, f_thres=trainer.f_thres)[0]
-            correct += int((logits.argmax(-1).numpy() == split.labels[start:start + OFFICIAL_TEST_BATCH]).sum())
-    net.load_state_dict(saved)
+    for start in range(0, len(split), OFFICIAL_TEST_BATCH):
+        images = split.images[start:start + OFFICIAL_TEST_BATCH]
+        pixels = official_mdeq.nchw(ip.normalize(images, "mean-std"), trainer.torch)
+        logits = trainer.logits(pixels, batch_statistics=batch_statistics)
+        correct += int((logits.argmax(-1) == split.labels[start:start + OFFICIAL_TEST_BATCH]).sum())
     net.f_solver = solver
     return correct / len(split)
 

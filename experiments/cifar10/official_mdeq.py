@@ -4,7 +4,7 @@ Loads the official code, builds its ``MDEQClsNet`` from a CIFAR-10 yaml, copies 
 and running statistics into deq_jax's modules, and trains it one step at a time as its
 ``lib/core/cls_function.py`` ``train`` does (Adam with PyTorch's L2 weight decay, a cosine
 schedule stepped per batch, the warm-up switch at ``PRETRAIN_STEPS``). The parity tests
-(``tests/test_mdeq.py``, ``tests/test_mdeq_training_parity.py``), the learning comparison
+(``tests/test_mdeq.py``, ``tests/test_mdeq_training.py``), the learning comparison
 (``experiments.cifar10.compare_official``) and the speed benchmark use it.
 
 It needs torch and PyYAML, and the official code -- never part of this project -- at
@@ -245,11 +245,23 @@ class Trainer:
         self.scheduler.step()
         return loss.item(), output.detach().numpy()
 
-    def logits(self, images) -> np.ndarray:
-        """Evaluation logits (``cls_function.validate``: eval mode, the warm-up switch by the steps taken)."""
-        self.net.eval()
-        with self.torch.no_grad():
-            return self.net(images, train_step=self.steps, compute_jac_loss=False, f_thres=self.f_thres)[0].numpy()
+    def logits(self, images, *, batch_statistics: bool = False) -> np.ndarray:
+        """Evaluation logits (``cls_function.validate``: eval mode, the warm-up switch by the steps taken).
+
+        With ``batch_statistics`` the BatchNorms normalise by the batch's own statistics (the rest
+        still in eval mode: no dropout); their running statistics are left as they were.
+        """
+        torch, net = self.torch, self.net
+        net.eval()
+        norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)] if batch_statistics else []
+        saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+        for m in norms:
+            m.train()
+        with torch.no_grad():
+            logits = net(images, train_step=self.steps, compute_jac_loss=False, f_thres=self.f_thres)[0].numpy()
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
+        return logits
 
 
 class SolveLog:
