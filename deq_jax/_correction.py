@@ -31,6 +31,7 @@ def fixed_point_states(
     solver=Anderson(),
     gradient=Implicit(),
     backward_stats_probe: jax.Array | None = None,
+    examples: str = "independent",
 ) -> tuple[Solution, ...]:
     """``num_states`` states along the solve of ``z = f(z, args)``, each with its own gradient.
 
@@ -51,7 +52,7 @@ def fixed_point_states(
     (their statistics add up in ``backward_stats_probe``'s gradient).
 
     Args:
-      f, z0, args, solver, gradient, backward_stats_probe: as ``deq_jax.fixed_point``.
+      f, z0, args, solver, gradient, backward_stats_probe, examples: as ``deq_jax.fixed_point``.
       num_states: states to return, an int in ``[1, solver.max_iter]``.
 
     Returns:
@@ -68,7 +69,7 @@ def fixed_point_states(
     states, z = [], z0
     for budget in segment_budgets(solver.max_iter, num_states):
         state = fixed_point(f, jax.lax.stop_gradient(z), args, solver=solver, gradient=gradient,
-                            backward_stats_probe=backward_stats_probe, budget=budget)
+                            backward_stats_probe=backward_stats_probe, budget=budget, examples=examples)
         states.append(state)
         z = state.value
     return tuple(states)

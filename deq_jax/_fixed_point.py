@@ -15,6 +15,7 @@ from ._gradients import Implicit, Phantom, check_gradient, phantom_solve
 from ._solution import NUM_STATS, Solution
 from ._solvers import Anderson, check_solver
 from ._solvers._loop import budget_per_example, check_problem
+from ._tree import add_system_axis, as_one_example, check_examples, drop_system_axis
 from ._tracing import tracing_tangents
 
 
@@ -27,6 +28,7 @@ def fixed_point(
     gradient=Implicit(),
     backward_stats_probe: jax.Array | None = None,
     budget=None,
+    examples: str = "independent",
 ) -> Solution:
     """Solves ``z* = f(z*, args)``, differentiable w.r.t. ``args`` by the chosen gradient strategy.
 
@@ -70,6 +72,17 @@ def fixed_point(
         compile-time ceiling. It may be traced: a jitted caller that takes it as an
         argument compiles once for every budget. The backward solve keeps its own
         ``max_iter``.
+      examples: how ``f`` treats the leading axis. ``"independent"`` (default): row
+        ``b`` of ``f(z)`` depends on row ``b`` of ``z`` only, so every example gets its
+        own stop, mixing weights and backward scale -- exact, and the fastest. Choose
+        ``"coupled"`` when rows interact -- a cell with ``nnx.BatchNorm`` in training
+        mode, a batch-mean term, attention across the batch, or a state without a batch
+        axis at all (a single vector ``z`` with ``f(z) = tanh(W z + x)``): the whole of
+        ``z`` is then solved as one system, with one stop and one scale, and its
+        ``Solution`` fields have a leading axis of 1. With ``"independent"`` on a
+        coupled ``f`` the solve still converges, but its gradients are wrong (each row
+        is rescaled and stopped as if it stood alone); a 1-D ``z0`` is refused there,
+        since a vector's entries are rarely independent examples.
 
     Returns:
       The forward ``Solution`` (for ``Phantom``, ``value`` is the last unrolled
@@ -84,6 +97,14 @@ def fixed_point(
     """
     check_solver("fixed_point: solver", solver)
     check_gradient(gradient)
+    check_examples("fixed_point", examples)
+    if examples == "coupled":
+        if budget is not None and jnp.shape(budget) != ():
+            raise ValueError(f"fixed_point: with examples='coupled' the batch is one solve, so budget must be "
+                             f"a scalar; got shape {jnp.shape(budget)}.")
+        solution = fixed_point(as_one_example(f), add_system_axis(z0), args, solver=solver, gradient=gradient,
+                               backward_stats_probe=backward_stats_probe, budget=budget)
+        return dataclasses.replace(solution, value=drop_system_axis(solution.value))
     check_problem("fixed_point", lambda z: f(z, args), z0)
     if backward_stats_probe is None:
         backward_stats_probe = jnp.zeros(NUM_STATS, jnp.float32)

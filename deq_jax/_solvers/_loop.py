@@ -154,6 +154,13 @@ def check_problem(owner: str, f: Callable, z0) -> None:
                 f"{owner}: every array in z0 needs the same leading batch axis; got shapes "
                 f"{[jnp.shape(x) for x in leaves]}."
             )
+        if jnp.ndim(leaf) == 1:
+            raise ValueError(
+                f"{owner}: z0 has a leaf of shape {jnp.shape(leaf)}, a batch axis without a feature axis: each "
+                "entry would be solved as an independent example (its own stop and scale). If f mixes the "
+                "entries (e.g. W @ z), solve them as one system: deq_jax.fixed_point(..., examples='coupled'), "
+                "or give z0 a leading axis of 1; if they are independent scalars, reshape z0 to (n, 1)."
+            )
     expected = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), z0)
     got = jax.eval_shape(f, z0)
     if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected) or any(

@@ -12,6 +12,7 @@ from .._gradients import Implicit, apply_steps
 from .._jacobian import jacobian_penalty, spectral_radius
 from .._solution import NUM_STATS, Solution, SolveStats
 from .._solvers import Anderson
+from .._tree import add_system_axis, as_one_example, check_examples
 
 
 class BackwardStatsProbe(nnx.Variable):
@@ -134,6 +135,11 @@ class DEQ(nnx.Module):
         tol=1e-2, max_iter=25).
       gradient: ``deq_jax.Implicit`` (default; its ``solver`` solves the backward
         system, the forward one if None) or ``deq_jax.Phantom``.
+      examples: ``"independent"`` (default) when the cell treats every example of the
+        batch on its own -- convolutions, GroupNorm, LayerNorm; ``"coupled"`` when
+        examples interact inside the cell -- ``nnx.BatchNorm`` in training mode,
+        batch-wide statistics or attention across the batch: the batch is then solved
+        as one system, which its gradients need (see ``deq_jax.fixed_point``).
 
     Attributes:
       backward_stats: ``BackwardStatsProbe``, whose gradient holds the backward
@@ -148,10 +154,13 @@ class DEQ(nnx.Module):
       ((2, 6, 6, 8), True)
     """
 
-    def __init__(self, cell: nnx.Module, *, solver=Anderson(tol=1e-2, max_iter=25, m=5), gradient=Implicit()):
+    def __init__(self, cell: nnx.Module, *, solver=Anderson(tol=1e-2, max_iter=25, m=5), gradient=Implicit(),
+                 examples: str = "independent"):
+        check_examples("DEQ", examples)
         self.cell = cell
         self.solver = solver
         self.gradient = gradient
+        self.examples = examples
         self.backward_stats = BackwardStatsProbe(jnp.zeros(NUM_STATS, jnp.float32))
 
     def __call__(self, x: jax.Array, z0=None, budget=None):
@@ -183,7 +192,7 @@ class DEQ(nnx.Module):
         f, state = explicit_cell(self.cell)
         solution = fixed_point(
             f, z0, (state, x), solver=self.solver, gradient=self.gradient,
-            backward_stats_probe=self.backward_stats[...], budget=budget,
+            backward_stats_probe=self.backward_stats[...], budget=budget, examples=self.examples,
         )
         self._advance_state(solution.value, x)
         return solution
@@ -217,7 +226,7 @@ class DEQ(nnx.Module):
         f, state = explicit_cell(self.cell)
         states = fixed_point_states(
             f, self.initial_state(x) if z0 is None else z0, (state, x), num_states, solver=self.solver,
-            gradient=self.gradient, backward_stats_probe=self.backward_stats[...],
+            gradient=self.gradient, backward_stats_probe=self.backward_stats[...], examples=self.examples,
         )
         self._advance_state(states[-1].value, x)
         return states
@@ -314,7 +323,8 @@ class DEQ(nnx.Module):
           num_iters: power iterations (VJPs).
 
         Returns:
-          float [B], not differentiated.
+          float [B], not differentiated; [1] (the whole batch's Jacobian) for a layer
+          with ``examples="coupled"``.
 
         Examples:
           >>> import jax, jax.numpy as jnp, deq_jax as dj
@@ -325,4 +335,6 @@ class DEQ(nnx.Module):
           (2,)
         """
         f, state = explicit_cell(self.cell)
+        if self.examples == "coupled":
+            return spectral_radius(as_one_example(f), add_system_axis(z), (state, x), key, num_iters)
         return spectral_radius(f, z, (state, x), key, num_iters)
