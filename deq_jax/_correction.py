@@ -1,14 +1,16 @@
 """Fixed-point correction: supervising several states along the solve, as torchdeq's sliced DEQ core does."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from ._checks import check_int, check_number
 from ._fixed_point import fixed_point
 from ._gradients import Implicit
-from ._solution import Solution
+from ._solution import Solution, SolveStats
 from ._solvers import Anderson
 
 
@@ -48,8 +50,10 @@ def fixed_point_states(
     and an example that has converged spends one f evaluation per later segment. Supervise the states with ``fp_correction``.
 
     Cost: the forward f evaluations of one solve (plus one per extra segment for
-    converged examples); with ``deq_jax.Implicit``, one backward solve per state
-    (their statistics add up in ``backward_stats_probe``'s gradient).
+    converged examples); with ``deq_jax.Implicit``, one backward solve per state.
+    ``backward_stats_probe``'s gradient combines their statistics (see
+    ``combine_backward_stats``): steps add up, residuals and fractions are over all
+    the states' solves.
 
     Args:
       f, z0, args, solver, gradient, backward_stats_probe, examples: as ``deq_jax.fixed_point``.
@@ -66,13 +70,57 @@ def fixed_point_states(
       >>> [int(s.num_steps.max()) <= 4 for s in states]
       [True, True, True]
     """
+    budgets = segment_budgets(solver.max_iter, num_states)
+    probes = [None] * num_states if backward_stats_probe is None else _probe_per_state(backward_stats_probe, num_states)
     states, z = [], z0
-    for budget in segment_budgets(solver.max_iter, num_states):
+    for budget, probe in zip(budgets, probes):
         state = fixed_point(f, jax.lax.stop_gradient(z), args, solver=solver, gradient=gradient,
-                            backward_stats_probe=backward_stats_probe, budget=budget, examples=examples)
+                            backward_stats_probe=probe, budget=budget, examples=examples)
         states.append(state)
         z = state.value
     return tuple(states)
+
+
+def combine_backward_stats(stats: Sequence[jax.Array]) -> jax.Array:
+    """One ``SolveStats`` vector for the backward solves of several states of one solve.
+
+    ``mean_steps`` and ``max_steps`` add up (VJPs per example over all the solves, and
+    how many times the batched VJP ran); ``mean_residual``, ``converged_fraction`` and
+    ``diverged_fraction`` are means, ``max_residual`` the maximum, over the states whose
+    backward solve ran (a state the loss does not use has none: its vector is zero).
+
+    Args:
+      stats: each state's ``SolveStats.to_array()`` vector.
+
+    Returns:
+      The combined vector.
+    """
+    rows = SolveStats.from_array(jnp.stack(stats).T)
+    ran = rows.mean_steps > 0
+    count = jnp.maximum(jnp.sum(ran), 1).astype(rows.mean_steps.dtype)
+    mean = lambda v: jnp.sum(jnp.where(ran, v, 0)) / count
+    return SolveStats(
+        mean_steps=jnp.sum(rows.mean_steps), max_steps=jnp.sum(rows.max_steps),
+        mean_residual=mean(rows.mean_residual), max_residual=jnp.max(jnp.where(ran, rows.max_residual, 0)),
+        converged_fraction=mean(rows.converged_fraction), diverged_fraction=mean(rows.diverged_fraction),
+    ).to_array().astype(stats[0].dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _probe_per_state(probe: jax.Array, num_states: int) -> tuple[jax.Array, ...]:
+    """``num_states`` copies of the probe whose gradients combine (``combine_backward_stats``) instead of adding."""
+    return (probe,) * num_states
+
+
+def _probe_per_state_fwd(probe, num_states):
+    return _probe_per_state(probe, num_states), None
+
+
+def _probe_per_state_bwd(num_states, _, cotangents):
+    return (combine_backward_stats(cotangents),)
+
+
+_probe_per_state.defvjp(_probe_per_state_fwd, _probe_per_state_bwd)
 
 
 def fp_correction(losses: Sequence, gamma: float = 0.8):

@@ -17,6 +17,8 @@ class SolveStats(NamedTuple):
       mean_residual: mean final relative residual.
       max_residual: largest final relative residual.
       converged_fraction: fraction of examples whose residual reached ``tol``.
+      diverged_fraction: fraction of examples whose iterate became NaN or Inf
+        (``Solution.diverged``).
     """
 
     mean_steps: jax.Array
@@ -24,6 +26,7 @@ class SolveStats(NamedTuple):
     mean_residual: jax.Array
     max_residual: jax.Array
     converged_fraction: jax.Array
+    diverged_fraction: jax.Array
 
     def to_array(self) -> jax.Array:
         """Packs the fields into a float32 vector of length ``len(SolveStats._fields)``."""
@@ -47,11 +50,16 @@ class Solution:
       value: the fixed-point estimate, same structure, shape and dtype as ``z0``.
       num_steps: int32[B], f evaluations spent on each example.
       residual: float[B], relative residual ``||f(z)-z|| / (||f(z)|| + 1e-5)`` of the
-        iterate ``z`` whose image ``f(z)`` is returned as ``value``; ``inf`` where the
-        iterate became NaN or Inf.
-      trace: float[max_iter, B], the residual after each f evaluation; NaN once an
-        example has stopped.
+        iterate ``z`` whose image ``f(z)`` is returned as ``value`` (the lowest one
+        reached); ``inf`` where no iterate had a finite one.
+      trace: float[max_iter, B], the residual after each f evaluation (``inf`` where
+        it was not finite); NaN once an example has stopped.
       converged: bool[B], ``residual < tol``.
+      diverged: bool[B], the solve of this example produced a NaN or Inf (in ``z`` or
+        ``f(z)``) and stopped there. ``value`` and ``residual`` are then those of its
+        best finite iterate, which can look harmless (a finite residual well above
+        ``tol``): check this flag, not the residual, to tell divergence from slow
+        convergence.
     """
 
     value: jax.Array
@@ -59,6 +67,7 @@ class Solution:
     residual: jax.Array
     trace: jax.Array
     converged: jax.Array
+    diverged: jax.Array
 
     def stats(self) -> SolveStats:
         """Returns the batch summary of this solve (no extra f evaluation)."""
@@ -69,4 +78,5 @@ class Solution:
             mean_residual=self.residual.mean(),
             max_residual=self.residual.max(),
             converged_fraction=self.converged.astype(jnp.float32).mean(),
+            diverged_fraction=self.diverged.astype(jnp.float32).mean(),
         )

@@ -89,6 +89,42 @@ def test_deq_layer_exposes_the_states_and_their_gradients():
     assert all(np.isfinite(leaf).all() and np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(nnx.state(grads, nnx.Param)))
 
 
+def test_backward_statistics_of_the_states_combine_instead_of_adding(x64):
+    """Three states, three backward solves: the probe's gradient is their combination, not their sum."""
+    f, w, a, target = problem()
+    solver, backward = dj.Anderson(tol=1e-12, max_iter=9), dj.ForwardIteration(tol=1e-6, max_iter=200)
+    probe = jnp.zeros(dj._solution.NUM_STATS, jnp.float32)
+
+    def loss(probes):  # one probe per state, by hand: the states' own statistics
+        states = dj.fixed_point_states(f, jnp.zeros_like(a), (w, a), 3, solver=solver, gradient=dj.Implicit(backward),
+                                       backward_stats_probe=probes[0])
+        return sum(jnp.sum((s.value - target) ** 2) for s in states)
+
+    combined = dj.SolveStats.from_array(jax.grad(loss)((probe,))[0])
+    per_state = []
+    starts, _ = segment_starts(f, w, a, solver, [3, 3, 3])
+    for start in starts:
+        grad = jax.grad(lambda p: jnp.sum((dj.fixed_point(f, start, (w, a), solver=solver, budget=3,
+                                                          gradient=dj.Implicit(backward), backward_stats_probe=p)
+                                           .value - target) ** 2))(probe)
+        per_state.append(dj.SolveStats.from_array(grad))
+    assert float(combined.converged_fraction) == 1.0  # summed, it read 3
+    np.testing.assert_allclose(combined.mean_steps, sum(s.mean_steps for s in per_state), rtol=1e-6)
+    np.testing.assert_allclose(combined.max_steps, sum(s.max_steps for s in per_state), rtol=1e-6)
+    np.testing.assert_allclose(combined.mean_residual, np.mean([s.mean_residual for s in per_state]), rtol=1e-5)
+    np.testing.assert_allclose(combined.max_residual, max(s.max_residual for s in per_state), rtol=1e-5)
+    assert min(s.mean_steps for s in per_state) > 1
+
+
+def test_a_state_outside_the_loss_does_not_dilute_the_statistics():
+    f, w, a, target = problem(jnp.float32)
+    probe = jnp.zeros(dj._solution.NUM_STATS, jnp.float32)
+    grad = jax.grad(lambda p: jnp.sum(dj.fixed_point_states(f, jnp.zeros_like(a), (w, a), 2,
+                                                           backward_stats_probe=p)[-1].value ** 2))(probe)
+    stats = dj.SolveStats.from_array(grad)
+    assert float(stats.converged_fraction) == 1.0 and float(stats.mean_steps) > 0
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda: dj.fp_correction([1.0], gamma=0.0), ValueError, r"gamma must be a number in \(0, 1\], got 0.0"),
     (lambda: dj.fp_correction([1.0], gamma=1.5), ValueError, r"gamma must be a number in \(0, 1\], got 1.5"),

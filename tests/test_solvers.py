@@ -177,3 +177,23 @@ def test_a_user_defined_solver_gets_per_example_stops_stats_and_gradients(x64):
                               rtol=1e-6)
     with pytest.raises(TypeError, match="Can't instantiate abstract class"):
         type("Incomplete", (dj.Solver,), {})()
+
+
+@pytest.mark.parametrize("solver, blow_up", [
+    (dj.ForwardIteration(max_iter=100), lambda z: 3 * z + 1),  # overflows float32 after about 80 steps
+    (dj.Broyden(max_iter=100), jnp.exp),  # no fixed point (Anderson and Broyden solve 3z + 1 exactly)
+    (dj.Anderson(max_iter=100), lambda z: jnp.tan(z) + 1),
+], ids=lambda x: type(x).__name__ if isinstance(x, dj.Solver) else "")
+def test_divergence_is_reported_not_hidden_behind_the_best_finite_iterate(solver, blow_up):
+    """Row 0 blows up to Inf/NaN, row 1 (``z <- z / 2 + 1``) converges: only row 0 is diverged."""
+    row0 = jnp.array([[True], [False]])
+    solution = solver(lambda z: jnp.where(row0, blow_up(z), 0.5 * z + 1), jnp.zeros((2, 4), jnp.float32))
+    assert solution.diverged.tolist() == [True, False]
+    assert solution.converged.tolist() == [False, True]
+    assert np.isfinite(solution.residual[0]) and np.isinf(np.nanmax(solution.trace[:, 0]))
+    assert float(solution.stats().diverged_fraction) == 0.5
+
+
+def test_a_non_finite_start_is_diverged():
+    solution = dj.Anderson()(lambda z: z + 1.0, jnp.array([[jnp.nan, 0.0], [0.0, 0.0]]))
+    assert solution.diverged.tolist() == [True, False] and np.isinf(solution.residual[0])

@@ -32,7 +32,8 @@ class Solver(abc.ABC):
     ``(z0, f(z0))`` and, while some example is running, ``propose`` for the next
     iterate of every example, one f evaluation, and ``record`` of the new pair. The
     loop -- not the solver -- stops each example once its relative residual
-    ``||f(x) - x|| / (||f(x)|| + 1e-5)`` is below ``tol`` (or not finite), freezes it,
+    ``||f(x) - x|| / (||f(x)|| + 1e-5)`` is below ``tol`` (or not finite: it is then
+    reported ``diverged``), freezes it,
     keeps each example's lowest-residual iterate and counts steps, so a new solver
     gets per-example stopping, the ``deq_jax.Solution`` statistics and both
     gradient strategies of ``deq_jax.fixed_point`` (its backward solve included)
@@ -111,6 +112,7 @@ class _LoopState(NamedTuple):
     num_steps: jax.Array  # int32[B]
     best_fx: jax.Array  # [B, D]: f(z) at the lowest-residual iterate z
     best_residual: jax.Array  # [B]
+    diverged: jax.Array  # bool[B]: a non-finite residual was met
     trace: jax.Array  # [max_iter, B]
 
 
@@ -236,6 +238,7 @@ def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
         num_steps=jnp.ones(batch, jnp.int32),
         best_fx=fx0,
         best_residual=residual0,
+        diverged=jnp.isinf(residual0),
         trace=trace,
     )
 
@@ -257,6 +260,7 @@ def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
             num_steps=s.num_steps + s.active,
             best_fx=select_rows(improved, fx, lambda: s.best_fx),
             best_residual=jnp.where(improved, residual, s.best_residual),
+            diverged=s.diverged | (s.active & jnp.isinf(residual)),
             trace=s.trace.at[s.k].set(jnp.where(s.active, residual, jnp.nan)),
         )
 
@@ -267,5 +271,6 @@ def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
         residual=final.best_residual,
         trace=final.trace,
         converged=final.best_residual < tol,
+        diverged=final.diverged,
     )
 

@@ -46,8 +46,9 @@ def epoch_line(m: dict) -> str:
     def solve(prefix):
         if m[f"{prefix}_steps_mean"] is None:
             return f"{prefix} unrolled | "
+        diverged = m.get(f"{prefix}_diverged") or 0
         return (f"{prefix} steps {m[f'{prefix}_steps_mean']:.1f} res {m[f'{prefix}_residual_mean']:.4f} "
-                f"(max {m[f'{prefix}_residual_max']:.4f}) | ")
+                f"(max {m[f'{prefix}_residual_max']:.4f}){f' DIVERGED {diverged:.1%}' if diverged else ''} | ")
 
     exact = "n/a" if m["test_exact_accuracy"] is None else f"{m['test_exact_accuracy']:.4f}"
     jac = "off" if "jac_penalty" not in m else "n/a" if m["jac_penalty"] is None else f"{m['jac_penalty']:.3f}"

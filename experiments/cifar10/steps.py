@@ -171,18 +171,21 @@ def _solve_metrics(prefix: str, stats: dj.SolveStats | None) -> dict[str, jax.Ar
         f"{prefix}_steps_mean": stats.mean_steps, f"{prefix}_steps_max": stats.max_steps,
         f"{prefix}_batch_steps": stats.max_steps,
         f"{prefix}_residual_mean": stats.mean_residual, f"{prefix}_residual_max": stats.max_residual,
-        f"{prefix}_converged": stats.converged_fraction,
+        f"{prefix}_converged": stats.converged_fraction, f"{prefix}_diverged": stats.diverged_fraction,
     }
 
 
 def chained_stats(solutions) -> dj.SolveStats:
     """The statistics of one solve run as consecutive segments (:meth:`dj.nn.DEQ.solve_states`).
 
-    Steps add up per example; residuals and convergence are the last segment's.
+    Steps add up per example; residuals and convergence are the last segment's; an
+    example diverged if any of its segments did.
     """
     steps = sum(s.num_steps for s in solutions).astype(jnp.float32)
+    diverged = jnp.any(jnp.stack([s.diverged for s in solutions]), axis=0)
     last = solutions[-1].stats()
-    return last._replace(mean_steps=steps.mean(), max_steps=steps.max())
+    return last._replace(mean_steps=steps.mean(), max_steps=steps.max(),
+                         diverged_fraction=diverged.astype(jnp.float32).mean())
 
 
 def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: ModelDef, tx,
