@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import math
+import numbers
+
+import numpy as np
 
 
 def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    """A finite real number: Python's or numpy's (``np.float32(1e-3)``), not a bool."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    """An integer, Python's or numpy's (``np.int64(25)``), not a bool."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral)
 
 
 def check_int(owner: str, minimum: int = 1, **values) -> None:
-    """Raises ``ValueError`` for an option that is not an int ``>= minimum`` (bools are not ints here).
+    """Raises ``ValueError`` for an option that is not an int ``>= minimum`` (numpy's too; bools are not ints here).
 
     Examples:
       >>> check_int("Anderson", m=5, max_iter=25)
@@ -19,7 +28,7 @@ def check_int(owner: str, minimum: int = 1, **values) -> None:
       ValueError: Phantom: steps must be an int >= 1, got 0.
     """
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not _is_int(value) or value < minimum:
             raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}.")
 
 

@@ -6,7 +6,7 @@ from typing import Callable
 
 import jax
 from jax import lax
-from jax._src.interpreters import ad  # JVPTracer: nothing public tells jax.jvp's tracers from jax.grad's
+import jax.numpy as jnp
 
 from ._solution import Solution
 from ._solvers import check_solver
@@ -57,7 +57,8 @@ class Phantom:
 
     Cost: ``steps`` f evaluations beyond the solve, ``steps`` VJPs backward, and the
     activations of ``steps`` evaluations in memory. Reverse mode only: ``jax.jvp`` and
-    ``jax.jacfwd`` through it raise a ``TypeError`` naming ``Implicit`` instead.
+    ``jax.jacfwd`` through it raise a ``TypeError`` naming ``Implicit`` instead;
+    ``jax.hessian`` (forward over reverse) differentiates the same unrolled steps twice.
 
     Args:
       steps: unrolled steps, an int >= 1.
@@ -88,16 +89,34 @@ def check_gradient(gradient) -> None:
         )
 
 
-def _carries_forward_tangent(value) -> bool:
-    """Whether ``value`` is (or wraps) a tracer of ``jax.jvp``: forward mode, not ``jax.grad``.
+@jax.custom_vjp
+def _reverse_mode_only(leaves: list) -> list:
+    """The identity, as a ``jax.custom_vjp``: JAX refuses to take it through forward mode."""
+    return leaves
 
-    Reverse mode, with JAX's direct linearisation (its default), traces with other tracers;
-    a ``vmap`` tracer (``jax.jacfwd`` batches ``jax.jvp``) may hold a jvp one among its parts.
+
+_reverse_mode_only.defvjp(lambda leaves: (leaves, None), lambda _, cotangents: (cotangents,))
+
+
+def refuse_forward_mode(args):
+    """``args`` unchanged; raises a ``TypeError`` naming ``Implicit`` under ``jax.jvp`` or ``jax.jacfwd``.
+
+    The floating leaves pass through a ``custom_vjp`` identity, which JAX differentiates in
+    reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``) and refuses in forward mode,
+    at this call: the error is JAX's own, re-raised with the way out.
     """
-    if not jax.config.jax_use_direct_linearize or not isinstance(value, jax.core.Tracer):
-        return False
-    return isinstance(value, ad.JVPTracer) or any(
-        _carries_forward_tangent(part) for _, part in value._contents())
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    floating = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    try:
+        guarded = _reverse_mode_only([leaves[i] for i in floating])
+    except TypeError as error:
+        raise TypeError(
+            "fixed_point: Phantom gradients are reverse-mode only (jax.grad, jax.vjp, jax.jacrev); for "
+            "jax.jvp or jax.jacfwd use gradient=Implicit()."
+        ) from error
+    for i, leaf in zip(floating, guarded):
+        leaves[i] = leaf
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom, budget=None) -> Solution:
@@ -106,11 +125,7 @@ def phantom_solve(f: Callable, z0, args, solver, gradient: Phantom, budget=None)
     Returns:
       The solver's ``Solution`` with ``value`` replaced by the last unrolled state.
     """
-    if any(_carries_forward_tangent(leaf) for leaf in jax.tree_util.tree_leaves(args)):
-        raise TypeError(
-            "fixed_point: Phantom gradients are reverse-mode only (jax.grad, jax.vjp, jax.jacrev); for "
-            "jax.jvp, jax.jacfwd or jax.hessian use gradient=Implicit()."
-        )
+    args = refuse_forward_mode(args)
     frozen_args = lax.stop_gradient(args)
     solution = solver(lambda z: f(z, frozen_args), lax.stop_gradient(z0), budget)
     z = lax.stop_gradient(solution.value)

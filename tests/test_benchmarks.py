@@ -102,8 +102,10 @@ def test_vs_pytorch(tmp_path):
         assert (positive(r["ratio"]) and positive(r["torch_s"]) and r["torch_evals"]) if has_torch else r["ratio"] is None
     for r in result.rows[3:]:
         assert r["deq_jax_images_per_s"] == pytest.approx(4 / r["deq_jax_s"])
-    # Both convolution forms train the same weights on the same batches: the same solver steps.
-    assert result.rows[3]["deq_jax_evals"] == result.rows[4]["deq_jax_evals"]
+    # Both convolution forms train the same weights on the same batches, up to rounding (their programs
+    # differ): the same forward steps, and backward solves that may stop one VJP apart at the tolerance.
+    (f3, vjp3), (f4, vjp4) = (result.rows[i]["deq_jax_evals"].split(", ") for i in (3, 4))
+    assert f3 == f4 and abs(float(vjp3.split()[0]) - float(vjp4.split()[0])) <= 1
     if has_torch:  # the same weights and inputs give the same gradient, to solver tolerance
         assert float(result.rows[2]["note"].split()[-1]) < 1e-2
     # The MDEQ rows: deq_jax at two Broyden memories against the official code's step, where that code is.

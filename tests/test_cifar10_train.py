@@ -340,3 +340,21 @@ def test_errors_that_are_not_the_users_keep_their_traceback(monkeypatch, tmp_pat
     monkeypatch.setattr(train, "train_and_evaluate", fails)
     with pytest.raises(ValueError, match="inside XLA"):  # not a SystemExit('error: ...')
         main.main(["--workdir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("raised, expected", [(ValueError("bad header"), ValueError), (OSError("EIO"), ValueError),
+                                              (TypeError("a bug"), TypeError)])
+def test_a_checkpoint_problem_is_one_line_and_a_bug_keeps_its_type(raised, expected):
+    """Damaged or unreadable checkpoints become BadInputError (one line); a TypeError from a bug stays itself."""
+    from experiments.cifar10 import checkpoints
+    from experiments.cifar10.errors import BadInputError
+
+    def restore(*args, **kwargs):
+        raise raised
+
+    manager = SimpleNamespace(latest_step=lambda: 3, restore=restore, directory="/runs/x/checkpoints")
+    with pytest.raises(expected) as info:
+        checkpoints.restore(manager, {}, mocked_config({}))
+    assert isinstance(info.value, BadInputError) == (expected is ValueError)
+    if expected is ValueError:
+        assert "cannot read the checkpoint of epoch 3" in str(info.value)

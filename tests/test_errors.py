@@ -1,6 +1,7 @@
 """Bad input gives a clear error at trace time, naming what was expected and what came in."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -63,6 +64,20 @@ def test_z0_without_batch_axis():
         dj.ForwardIteration()(lambda z: z, jnp.float32(1.0))
 
 
+@pytest.mark.parametrize("z0", [jnp.zeros((0, 3)), jnp.zeros((2, 0))], ids=["no examples", "no features"])
+def test_an_empty_z0_is_a_clear_error(z0):
+    with pytest.raises(ValueError, match="empty array"):
+        dj.fixed_point(lambda z, a: a * z, z0, 0.5)
+
+
+def test_numpy_scalars_are_accepted_as_options():
+    solver = dj.Anderson(tol=np.float32(1e-3), max_iter=np.int64(30), m=np.int32(4), lam=np.float64(1e-4))
+    assert bool(solver(lambda z: 0.5 * z + 1.0, Z0).converged.all())
+    assert dj.Phantom(steps=np.int64(2), damping=np.float32(0.5)).steps == 2
+    with pytest.raises(ValueError, match="tol must be a positive number"):
+        dj.Anderson(tol=np.bool_(True))
+
+
 def test_errors_are_raised_at_trace_time_under_jit():
     with pytest.raises(ValueError, match="f\\(z\\) must have"):
         jax.jit(lambda z: dj.Anderson()(lambda v: v[:, :1], z).value)(Z0)
@@ -76,7 +91,7 @@ def test_fixed_point_checks_its_arguments():
         dj.fixed_point(f, Z0, 0.5, gradient=dj.Implicit(dj.Anderson))
     with pytest.raises(TypeError, match="gradient must be one of"):
         dj.fixed_point(f, Z0, 0.5, gradient="phantom")
-    with pytest.raises(ValueError, match=r"backward_stats_probe must have shape \(5,\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"backward_stats_probe must have shape \(6,\), got \(3,\)"):
         dj.fixed_point(f, Z0, 0.5, backward_stats_probe=jnp.zeros(3))
     with pytest.raises(ValueError, match="f\\(z\\) must have"):
         dj.fixed_point(lambda z, a: z[:, :2] * a, Z0, 0.5)

@@ -156,6 +156,9 @@ def check_problem(owner: str, f: Callable, z0) -> None:
                 f"{owner}: every array in z0 needs the same leading batch axis; got shapes "
                 f"{[jnp.shape(x) for x in leaves]}."
             )
+        if jnp.size(leaf) == 0:
+            raise ValueError(f"{owner}: z0 holds an empty array (shape {jnp.shape(leaf)}): there is nothing to solve; "
+                             "an empty batch needs no solve.")
         if jnp.ndim(leaf) == 1:
             raise ValueError(
                 f"{owner}: z0 has a leaf of shape {jnp.shape(leaf)}, a batch axis without a feature axis: each "

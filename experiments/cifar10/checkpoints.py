@@ -43,6 +43,12 @@ def saved_config(manager: ocp.CheckpointManager) -> dict:
     return manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["config"]
 
 
+# What orbax (and tensorstore, whose errors are ValueErrors) raises for a checkpoint that is damaged, half
+# written, unreadable or of another model's shapes: the user's to fix, said in one line. Other exceptions
+# (a TypeError from a bug, say) keep their type and traceback.
+CHECKPOINT_PROBLEMS = (ValueError, KeyError, OSError)
+
+
 def restore(manager: ocp.CheckpointManager, state: dict, config: Config) -> tuple[dict, list[dict]]:
     """Restores the latest checkpoint into ``state``'s shapes and shardings.
 
@@ -57,7 +63,7 @@ def restore(manager: ocp.CheckpointManager, state: dict, config: Config) -> tupl
         restored = manager.restore(
             epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore())
         )
-    except Exception as e:  # orbax raises many types; name the checkpoint, keep the cause
+    except CHECKPOINT_PROBLEMS as e:  # what a damaged or mismatched checkpoint raises; anything else is a bug
         raise BadInputError(
             f"--resume: cannot read the checkpoint of epoch {epoch} in {manager.directory} "
             f"(corrupt, or written by different code?): {type(e).__name__}: {e}"

@@ -135,6 +135,9 @@ class Config:
     eval_budgets: tuple[int, ...] = option((), "after the last epoch, evaluate the test set with each forward "
                                            "budget (f evaluations), e.g. 4,8,12,25,50; into summary.json and "
                                            "budget.png", type=budget_list, metavar="K,K,...")
+    max_skipped_steps: int = option(10, "stop the run (with an error, the last checkpoint kept) once N steps in a "
+                                    "row had a non-finite loss or gradient; each such step is skipped, no update "
+                                    "(%(default)s)", metavar="N")
     time_budget: float | None = option(None, "stop cleanly before an epoch that would end after S seconds of this "
                                        "invocation (judged by the last epoch); --resume continues",
                                        type=float, metavar="S")
@@ -151,7 +154,7 @@ class Config:
             return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
 
         for name in ("epochs", "batch_size", "f_max_iter", "b_max_iter", "phantom_steps", "warmup_depth",
-                     "fp_correction"):
+                     "fp_correction", "max_skipped_steps"):
             check(name, lambda v: is_int(v) and v >= 1, "an int >= 1")
         for name in ("train_limit", "eval_limit"):
             check(name, lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 (or unset: the whole split)")

@@ -158,11 +158,20 @@ def detected_cluster() -> str | None:
     JAX's own detection, in its order (the first cluster class, not opt-in only, whose
     ``is_env_present`` is true), so this sees what ``initialize()`` without arguments uses.
     """
-    from jax._src import clusters  # no public API lists them; the classes are stable since jax 0.4
+    # The one use of JAX internals in the project: no public API lists the cluster environments.
+    # tests/test_multiprocess.py calls this, so a JAX that moves them fails there with this message.
+    try:
+        from jax._src import clusters
 
-    found = (env.__name__ for env in clusters.ClusterEnv._cluster_types
-             if not env.opt_in_only_method and env.is_env_present())
-    return next(found, None)
+        environments = list(clusters.ClusterEnv._cluster_types)
+        found = [env.__name__ for env in environments if not env.opt_in_only_method and env.is_env_present()]
+    except (ImportError, AttributeError) as error:
+        raise RuntimeError(
+            f"jax {jax.__version__} no longer has jax._src.clusters.ClusterEnv._cluster_types (or its fields), "
+            "which detected_cluster reads to name the cluster jax.distributed.initialize() would join: "
+            "update experiments/cifar10/distributed.py"
+        ) from error
+    return found[0] if found else None
 
 
 def _bypass_proxy(host: str) -> None:

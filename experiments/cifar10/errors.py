@@ -20,3 +20,7 @@ class MissingError(UsageError, FileNotFoundError):
 
 class ExistsError(UsageError, FileExistsError):
     """A workdir that already holds a run that the flags would overwrite."""
+
+
+class DivergedError(UsageError, FloatingPointError):
+    """Training that the settings make diverge: steps with a non-finite loss or gradient, persisting."""

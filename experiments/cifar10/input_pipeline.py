@@ -112,6 +112,7 @@ def load_split(
     with tqdm(total=n, desc=f"{_DATASET} {split}", unit="img", disable=n < _PROGRESS_MIN) as bar:
         for start in range(0, n, _READ_CHUNK):
             stop = min(start + _READ_CHUNK, n)
+            # A batched read: __getitems__ is a method of TFDS's public DataSource protocol, not an internal.
             examples = source.__getitems__(range(start, stop))
             images[start:stop] = [ex["image"] for ex in examples]
             labels[start:stop] = [ex["label"] for ex in examples]

@@ -22,12 +22,18 @@ def summarize(total: dict, prefix: str) -> dict[str, float]:
       prefix: put before loss/accuracy names, e.g. 'train_' or 'test_'.
 
     Returns:
-      Plain floats; ``{prefix}exact_accuracy`` is None when no exact examples were seen,
+      Plain floats; ``{prefix}skipped_steps`` counts the training steps skipped for a
+      non-finite loss or gradient, whose loss and accuracy are left out (None when
+      every step was); ``{prefix}exact_accuracy`` is None when no exact examples were seen,
       ``jac_penalty`` (the mean over the steps that added it) None when no step did,
       solver stats (means over the batches that solved, ``deq_batches``; the warm-up's
       unrolled batches have none) None when none did.
     """
-    out = {f"{prefix}loss": total["loss"] / total["count"], f"{prefix}accuracy": total["correct"] / total["count"]}
+    kept = total["count"] > 0  # every step of the epoch skipped (non-finite): no loss to report
+    out = {f"{prefix}loss": total["loss"] / total["count"] if kept else None,
+           f"{prefix}accuracy": total["correct"] / total["count"] if kept else None}
+    if "skipped_steps" in total:
+        out[f"{prefix}skipped_steps"] = total["skipped_steps"]
     if "exact_count" in total:
         out[f"{prefix}exact_accuracy"] = (
             total["exact_correct"] / total["exact_count"] if total["exact_count"] else None
@@ -39,6 +45,10 @@ def summarize(total: dict, prefix: str) -> dict[str, float]:
             solved = total["deq_batches"]
             out[key] = None if not solved else value if key.endswith("_max") else value / solved
     return {k: None if v is None else float(v) for k, v in out.items()}
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def epoch_line(m: dict) -> str:
@@ -53,7 +63,9 @@ def epoch_line(m: dict) -> str:
     exact = "n/a" if m["test_exact_accuracy"] is None else f"{m['test_exact_accuracy']:.4f}"
     jac = "off" if "jac_penalty" not in m else "n/a" if m["jac_penalty"] is None else f"{m['jac_penalty']:.3f}"
     return (
-        f"epoch {m['epoch']:3d} | train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.4f} | "
+        f"epoch {m['epoch']:3d} | train loss {_number(m['train_loss'])} acc {_number(m['train_accuracy'])} "
+        + (f"(SKIPPED {m['train_skipped_steps']:.0f} non-finite steps) " if m.get("train_skipped_steps") else "")
+        + f"| "
         f"test loss {m['test_loss']:.4f} acc {m['test_accuracy']:.4f} (exact {exact}) | "
         + solve("fwd") + (solve("bwd") if "bwd_steps_mean" in m else "")
         + f"jac {jac} | "

@@ -74,13 +74,16 @@ def make_optimizer(config: Config, total_steps: int) -> tuple[optax.GradientTran
       total_steps: optimizer steps of the whole run.
 
     Returns:
-      ``(optimizer, schedule)``.
+      ``(optimizer, schedule)``; the optimizer is wrapped in ``optax.apply_if_finite``,
+      whose state counts the consecutive skipped steps (``notfinite_count``).
     """
     schedule = optax.cosine_decay_schedule(config.lr, total_steps, alpha=END_LR / config.lr)
     adam = optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8)
     if config.weight_decay > 0:
-        return optax.chain(optax.add_decayed_weights(config.weight_decay), adam), schedule
-    return adam, schedule
+        adam = optax.chain(optax.add_decayed_weights(config.weight_decay), adam)
+    # A step whose gradient is not finite (see train_step) leaves parameters and Adam's moments as
+    # they were, however many in a row: stopping a run that keeps failing is the training loop's call.
+    return optax.apply_if_finite(adam, max_consecutive_errors=np.iinfo(np.int32).max), schedule
 
 
 def build_model(config: Config) -> CifarDEQ | CifarMDEQ:
@@ -212,9 +215,13 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
         plain backprop instead of the equilibrium (static, see :func:`in_warmup`); the
         Jacobian penalty is then taken at its output.
 
+    A step whose loss or gradient is not finite (a diverging solve, say) is skipped: the
+    parameters, Adam's state and the BatchNorm statistics stay as they were, and
+    ``opt_state.notfinite_count`` counts the skipped steps in a row.
+
     Returns:
       ``(new_state, metrics)``; metrics holds this batch's summed loss, correct count,
-      example count, ``deq_batches`` (0 in the warm-up, else 1), the forward (and, for
+      example count (0 for a skipped step), ``skipped_steps`` (1 or 0), ``deq_batches`` (0 in the warm-up, else 1), the forward (and, for
       implicit gradients, backward) solver stats (zeros in the warm-up) and, with
       :func:`penalised` settings, the Jacobian penalty and whether it was added (``jac_penalty``,
       ``jac_steps``; see :func:`metrics.summarize`).
@@ -250,14 +257,23 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *, model_def: 
     (grads, probe_grads), (loss, logits, batch_stats, forward, jac) = grad_fn(
         state["params"], model_def.probe, state["batch_stats"]
     )
+    # A non-finite loss skips the step as a non-finite gradient does (a loss can be NaN with finite
+    # gradients: an out-of-range label, say); make_optimizer's apply_if_finite then changes nothing,
+    # and the BatchNorm statistics are kept here by the same test, all on the device.
+    loss_finite = jnp.isfinite(loss + weight * jac)
+    grads = jax.tree.map(lambda g: jnp.where(loss_finite, g, jnp.nan), grads)
+    skipped = ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                 "batch_stats": batch_stats, "step": state["step"] + 1}
-    count = jnp.asarray(labels.shape[0], jnp.float32)
+                 "batch_stats": jax.tree.map(lambda new, old: jnp.where(skipped, old, new), batch_stats,
+                                             state["batch_stats"]),
+                 "step": state["step"] + 1}
+    count = jnp.where(skipped, 0.0, jnp.asarray(labels.shape[0], jnp.float32))  # loss and accuracy: kept steps
     metrics = {
-        "loss": loss * count,
-        "correct": (logits.argmax(-1) == labels).sum().astype(jnp.float32),
+        "loss": jnp.where(skipped, 0.0, loss) * count,
+        "correct": jnp.where(skipped, 0, (logits.argmax(-1) == labels).sum()).astype(jnp.float32),
         "count": count,
+        "skipped_steps": skipped.astype(jnp.float32),
         "deq_batches": jnp.asarray(0.0 if warmup else 1.0, jnp.float32),
         **_solve_metrics("fwd", forward),
     }

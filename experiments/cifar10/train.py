@@ -32,7 +32,7 @@ from . import checkpoints, distributed
 from . import input_pipeline as ip
 from . import plots
 from .config import Config
-from .errors import BadInputError
+from .errors import BadInputError, DivergedError
 from .metrics import accumulate, epoch_line, summarize
 from .model import param_count
 from .steps import (ModelDef, build_model, eval_step, in_warmup, init_state, penalty_applies, penalty_weight,
@@ -265,15 +265,37 @@ def train_epoch(steps: Steps, state: dict, split: ip.Split, config: Config, epoc
             step = steps.train_for(config, (epoch - 1) * num_steps + i - 1)
             state, metrics = step(state, *steps.batch(images, labels))
             total = metrics if total is None else accumulate(total, metrics)
-            bar.update()
-            # The loop's only host sync. It also keeps the host (and the bar, which counts
-            # dispatched steps) at most PROGRESS_EVERY steps ahead of the device.
+            # The loop's only host sync: it keeps the host at most PROGRESS_EVERY steps ahead of the
+            # device, and the bar counts the steps finished by then, not the steps dispatched.
             if i % PROGRESS_EVERY == 0 or i == num_steps:
-                m = summarize(jax.device_get(total), "train_")
+                host_total, skipped_in_a_row = jax.device_get((total, state["opt_state"].notfinite_count))
+                bar.update(i - bar.n)
+                stop_if_diverged(int(skipped_in_a_row), (epoch - 1) * num_steps + i, config)
+                m = summarize(host_total, "train_")
                 solves = {name: f"{m[f'{name}_steps_mean']:.1f}" for name in ("fwd", "bwd")
                           if m.get(f"{name}_steps_mean") is not None}  # none in the warm-up
-                bar.set_postfix(loss=f"{m['train_loss']:.3f}", acc=f"{m['train_accuracy']:.3f}", **solves)
+                if m["train_loss"] is not None:
+                    bar.set_postfix(loss=f"{m['train_loss']:.3f}", acc=f"{m['train_accuracy']:.3f}", **solves)
     return state, summarize(jax.device_get(total), "train_")
+
+
+def stop_if_diverged(skipped_in_a_row: int, steps_done: int, config: Config) -> None:
+    """Raises :class:`DivergedError` once ``config.max_skipped_steps`` steps in a row were skipped.
+
+    Called at the loop's host syncs, before the epoch's checkpoint: the run stops with the
+    last checkpoint (of a finished epoch) as it was.
+
+    Args:
+      skipped_in_a_row: the optimizer's count of consecutive non-finite steps, at ``steps_done``.
+      steps_done: optimizer steps taken so far in the run.
+      config: ``max_skipped_steps``.
+    """
+    if skipped_in_a_row >= config.max_skipped_steps:
+        first = steps_done - skipped_in_a_row + 1
+        raise DivergedError(
+            f"training diverged: steps {first}-{steps_done} (1-based) had a non-finite loss or gradient and "
+            f"were skipped ({skipped_in_a_row} in a row, --max-skipped-steps {config.max_skipped_steps}); the "
+            "last checkpoint is kept. Try a lower --lr, a Jacobian penalty (--jac-reg) or another solver")
 
 
 def _out_of_time(config: Config, began: float, epoch_s: float) -> bool:
@@ -315,6 +337,8 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
         training examples for one batch, a corrupt checkpoint or one from other settings, bad data.
       errors.MissingError: no data, or ``--resume`` without a checkpoint.
       errors.ExistsError: a checkpoint in ``workdir`` without ``--resume``.
+      errors.DivergedError: ``config.max_skipped_steps`` steps in a row had a non-finite
+        loss or gradient (each was skipped); the last epoch's checkpoint is kept.
     """
     began = time.perf_counter()
     mesh = make_mesh()
@@ -355,7 +379,11 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict:
                  "--resume continues the run")
             break
         start = time.perf_counter()
-        state, train_metrics = train_epoch(steps, state, train_split, config, epoch)
+        try:
+            state, train_metrics = train_epoch(steps, state, train_split, config, epoch)
+        except DivergedError:
+            manager.wait_until_finished()  # the last epoch's checkpoint may still be being written
+            raise
         train_s = time.perf_counter() - start
         test_metrics = evaluate(steps, state, test_split, exact, config, epoch * steps_per_epoch)
         epoch_s = time.perf_counter() - start
