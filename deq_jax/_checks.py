@@ -59,3 +59,12 @@ def describe_interval(low: float, high: float, low_open: bool, high_open: bool) 
     if high == math.inf:
         return "a positive number" if (low, low_open) == (0, True) else f"a number {'>' if low_open else '>='} {low:g}"
     return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+EXAMPLES = ("independent", "coupled")
+
+
+def check_examples(owner: str, examples) -> None:
+    """Raises ``ValueError`` unless ``examples`` is ``"independent"`` or ``"coupled"``."""
+    if examples not in EXAMPLES:
+        raise ValueError(f"{owner}: examples must be 'independent' or 'coupled', got {examples!r}.")

@@ -15,7 +15,8 @@ from ._gradients import Implicit, Phantom, check_gradient, phantom_solve
 from ._solution import NUM_STATS, Solution
 from ._solvers import Anderson, check_solver
 from ._solvers._loop import budget_per_example, check_problem
-from ._tree import add_system_axis, as_one_example, check_examples, drop_system_axis
+from ._checks import check_examples
+from ._tree import add_system_axis, as_one_example, drop_system_axis
 from ._tracing import tracing_tangents
 
 

@@ -45,15 +45,6 @@ def damped_step(fz, z, damping: float):
     return jax.tree_util.tree_map(lambda a, b: damping * a + (1 - damping) * b, fz, z)
 
 
-EXAMPLES = ("independent", "coupled")
-
-
-def check_examples(owner: str, examples) -> None:
-    """Raises ``ValueError`` unless ``examples`` is ``"independent"`` or ``"coupled"``."""
-    if examples not in EXAMPLES:
-        raise ValueError(f"{owner}: examples must be 'independent' or 'coupled', got {examples!r}.")
-
-
 def add_system_axis(tree):
     """Every leaf with a new leading axis of size 1: a coupled batch (or an unbatched state) as one example."""
     return jax.tree_util.tree_map(lambda leaf: jnp.expand_dims(leaf, 0), tree)

@@ -7,12 +7,12 @@ from flax import nnx
 
 from .._correction import fixed_point_states
 from .._fixed_point import fixed_point
-from .._checks import check_int
+from .._checks import check_examples, check_int
 from .._gradients import Implicit, apply_steps
 from .._jacobian import jacobian_penalty, spectral_radius
 from .._solution import NUM_STATS, Solution, SolveStats
 from .._solvers import Anderson
-from .._tree import add_system_axis, as_one_example, check_examples
+from .._tree import add_system_axis, as_one_example
 
 
 class BackwardStatsProbe(nnx.Variable):

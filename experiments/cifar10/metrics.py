@@ -48,6 +48,7 @@ def summarize(total: dict, prefix: str) -> dict[str, float]:
 
 
 def _number(value) -> str:
+    """A loss or accuracy with 4 decimals, or 'n/a' where there is none."""
     return "n/a" if value is None else f"{value:.4f}"
 
 
@@ -60,13 +61,12 @@ def epoch_line(m: dict) -> str:
         return (f"{prefix} steps {m[f'{prefix}_steps_mean']:.1f} res {m[f'{prefix}_residual_mean']:.4f} "
                 f"(max {m[f'{prefix}_residual_max']:.4f}){f' DIVERGED {diverged:.1%}' if diverged else ''} | ")
 
-    exact = "n/a" if m["test_exact_accuracy"] is None else f"{m['test_exact_accuracy']:.4f}"
     jac = "off" if "jac_penalty" not in m else "n/a" if m["jac_penalty"] is None else f"{m['jac_penalty']:.3f}"
     return (
         f"epoch {m['epoch']:3d} | train loss {_number(m['train_loss'])} acc {_number(m['train_accuracy'])} "
         + (f"(SKIPPED {m['train_skipped_steps']:.0f} non-finite steps) " if m.get("train_skipped_steps") else "")
         + f"| "
-        f"test loss {m['test_loss']:.4f} acc {m['test_accuracy']:.4f} (exact {exact}) | "
+        f"test loss {m['test_loss']:.4f} acc {m['test_accuracy']:.4f} (exact {_number(m['test_exact_accuracy'])}) | "
         + solve("fwd") + (solve("bwd") if "bwd_steps_mean" in m else "")
         + f"jac {jac} | "
         f"radius {m['test_spectral_radius_mean']:.3f} (max {m['test_spectral_radius_max']:.3f}) | "
