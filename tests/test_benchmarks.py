@@ -314,3 +314,20 @@ def test_forward_mode():
     check_table(result, columns=3)
     assert [r["workload"].split(":")[0] for r in result.rows] == ["forward solve", "reverse mode", "forward mode"]
     assert result.rows[0]["vs_forward"] == 1 and all(positive(r["ms"]) for r in result.rows)
+
+
+def test_anderson_ridge():
+    from experiments.benchmarks import anderson_ridge
+
+    result = anderson_ridge.run(quick=True, repeats=1)
+    check_table(result, columns=4)
+    rows = {r["variant"]: r for r in result.rows}
+    assert len(rows) == len(anderson_ridge.variants(quick=True))
+    tight = [r for name, r in rows.items() if name.startswith("tol 1e-06") and "TF32" not in name]
+    assert all(r["converged_fraction"] == 1 and r["max_residual"] < 1e-6 for r in tight)
+    # TF32 products stall Anderson far above the tolerance that full precision reaches.
+    stalled = rows["tol 1e-06: lam=0.0001 absolute, TF32 products"]
+    assert stalled["converged_fraction"] == 0 and stalled["max_residual"] > 1e-5
+    # The relative ridge needs fewer f evaluations than the chapter's absolute one at this tolerance.
+    assert rows["tol 1e-06: lam=0.0001 relative"]["mean_steps"] < rows["tol 1e-06: lam=0.0001 absolute"]["mean_steps"]
+    assert "full precision's cost" in result.markdown()

@@ -60,21 +60,15 @@ def test_a_non_finite_step_changes_nothing_and_the_next_one_trains():
     assert all(jax.tree.leaves(changed))
 
 
-def test_a_transient_nan_is_skipped_and_counted_in_the_metrics(mock_cifar10, monkeypatch, tmp_path):
-    monkeypatch.setattr(train.ip, "epoch_batches", _labels_broken_at({2}))
-    with mock_cifar10(MOCK_EXAMPLES):
-        train.train_and_evaluate(Config.for_model("chapter", epochs=2, eval_limit=10, **TINY), tmp_path)
-    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [m["train_skipped_steps"] for m in history] == [1, 0]
-    assert all(np.isfinite(m["train_loss"]) for m in history)
-
-
-def test_a_run_whose_steps_stay_non_finite_stops_naming_them_and_keeps_the_last_checkpoint(
-        mock_cifar10, monkeypatch, tmp_path):
-    monkeypatch.setattr(train.ip, "epoch_batches", _labels_broken_at({4, 5, 6}))  # all of epoch 2
+def test_a_transient_nan_is_skipped_and_counted_and_a_persistent_one_stops_the_run(mock_cifar10, monkeypatch, tmp_path):
+    """Step 2 alone is non-finite (epoch 1 trains on), then all of epoch 2 (steps 4-6): the run stops there."""
+    monkeypatch.setattr(train.ip, "epoch_batches", _labels_broken_at({2, 4, 5, 6}))
     config = Config.for_model("chapter", epochs=3, eval_limit=10, max_skipped_steps=3, **TINY)
     with mock_cifar10(MOCK_EXAMPLES), pytest.raises(DivergedError, match=r"steps 4-6 \(1-based\).*3 in a row"):
         train.train_and_evaluate(config, tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train_skipped_steps"] for m in history] == [1]
+    assert np.isfinite(history[0]["train_loss"])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
 
 

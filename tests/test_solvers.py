@@ -197,3 +197,49 @@ def test_divergence_is_reported_not_hidden_behind_the_best_finite_iterate(solver
 def test_a_non_finite_start_is_diverged():
     solution = dj.Anderson()(lambda z: z + 1.0, jnp.array([[jnp.nan, 0.0], [0.0, 0.0]]))
     assert solution.diverged.tolist() == [True, False] and np.isinf(solution.residual[0])
+
+
+def dot_precisions(jaxpr):
+    """The ``precision`` of every ``dot_general`` in ``jaxpr`` and the jaxprs it calls."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn.params["precision"]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):  # a ClosedJaxpr
+                    sub = sub.jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from dot_precisions(sub)
+
+
+@pytest.mark.parametrize("solver", [dj.Anderson(beta=0.5), dj.Broyden()], ids=type)
+def test_the_solves_products_run_at_full_precision(solver):
+    """No TF32 (GPU) or bfloat16-pass (TPU) products: a default-precision float32 Gram
+    matrix stalls Anderson far above a float32 tolerance. ``f`` has no product of its own,
+    so every product in the forward and backward solves is the solver's."""
+    f = lambda z, scale: scale * jnp.tanh(z) + 1.0
+    loss = lambda scale: dj.fixed_point(f, jnp.ones((3, 4)), scale, solver=solver).value.sum()
+    precisions = list(dot_precisions(jax.make_jaxpr(jax.grad(loss))(0.5).jaxpr))
+    assert len(precisions) >= 4
+    assert all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in precisions), precisions
+
+
+def test_a_relative_ridge_makes_anderson_independent_of_the_problems_scale(x64):
+    """``f_s(z) = s f(z / s)`` has the fixed point ``s z*`` and the same iterates scaled by ``s``:
+    with ``ridge="relative"`` Anderson takes the same steps at every ``s`` (a power of two: exact
+    scaling), where an absolute ridge stalls, the more so on the smaller problem."""
+    f, z0 = tanh_problem()
+    steps = {}
+    for ridge in ("absolute", "relative"):
+        solver = dj.Anderson(lam=1e-4, tol=1e-10, max_iter=60, ridge=ridge)
+        for scale in (1.0, 2.0 ** -8):
+            solution = solver(lambda z: scale * f(z / scale), z0)
+            steps[ridge, scale] = solution.num_steps.tolist()
+            assert bool(solution.converged.all()) == (ridge == "relative"), (ridge, scale, steps)
+    assert steps["relative", 1.0] == steps["relative", 2.0 ** -8]
+    assert steps["absolute", 1.0] != steps["absolute", 2.0 ** -8]
+
+
+def test_an_unknown_ridge_is_refused():
+    with pytest.raises(ValueError, match=r"Anderson: ridge must be one of \('absolute', 'relative'\), got 'scaled'"):
+        dj.Anderson(ridge="scaled")

@@ -22,6 +22,17 @@ from .._tree import batch_ravel
 RESIDUAL_EPS = 1e-5  # the chapter's guard against ||f(z)|| = 0
 
 
+def history_einsum(subscripts: str, *operands: jax.Array) -> jax.Array:
+    """``jnp.einsum`` at full precision, for the solvers' products with their history.
+
+    At default precision a float32 product may run in TF32 (a 10-bit mantissa) on
+    recent NVIDIA GPUs, or in bfloat16 passes on TPUs; Anderson's Gram matrix and
+    mixing then stall well above a float32 tolerance. These products are small next to
+    f, so full precision costs little.
+    """
+    return jnp.einsum(subscripts, *operands, precision=lax.Precision.HIGHEST)
+
+
 class Solver(abc.ABC):
     """The protocol of a fixed-point solver: subclass it to get everything the built-in ones get.
 

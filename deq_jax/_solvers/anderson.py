@@ -8,7 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_int, check_number
-from ._loop import Solver, check_solver_options, select_rows
+from ._loop import Solver, check_solver_options, history_einsum, select_rows
+
+
+RIDGES = ("absolute", "relative")
 
 
 class AndersonHistory(NamedTuple):
@@ -26,7 +29,7 @@ class AndersonHistory(NamedTuple):
     gram: jax.Array
 
 
-def mixing_weights(gram: jax.Array, num_valid: jax.Array, lam: float) -> jax.Array:
+def mixing_weights(gram: jax.Array, num_valid: jax.Array, lam: float, relative: bool = False) -> jax.Array:
     """Solves ``min ||G alpha||^2 s.t. sum(alpha) = 1`` per example, ``G = F - X``.
 
     This is the chapter's bordered system ``[[0, 1^T], [1, G G^T + lam I]] [nu; alpha] = [1; 0]``,
@@ -36,6 +39,8 @@ def mixing_weights(gram: jax.Array, num_valid: jax.Array, lam: float) -> jax.Arr
       gram: ``G G^T``, the Gram matrix of the stored residuals, [B, m, m].
       num_valid: how many slots hold iterates, ``min(k, m)`` (a traced int).
       lam: ridge term added to the Gram matrix.
+      relative: whether ``lam`` is relative to the mean diagonal of each example's
+        valid Gram matrix (else it is added as it is).
 
     Returns:
       alpha: [B, m], in ``gram``'s dtype.
@@ -47,7 +52,13 @@ def mixing_weights(gram: jax.Array, num_valid: jax.Array, lam: float) -> jax.Arr
     batch, m, _ = gram.shape
     valid = jnp.arange(m) < num_valid
     eye = jnp.eye(m, dtype=gram.dtype)
-    gram = jnp.where(valid[:, None] & valid[None, :], gram + lam * eye, eye)
+    if relative:
+        diagonal = jnp.where(valid, jnp.diagonal(gram, axis1=1, axis2=2), 0)
+        scale = jnp.sum(diagonal, axis=1) / jnp.maximum(num_valid, 1).astype(gram.dtype)
+        ridge = lam * jnp.where(scale > 0, scale, 1)[:, None, None] * eye
+    else:
+        ridge = lam * eye
+    gram = jnp.where(valid[:, None] & valid[None, :], gram + ridge, eye)
     border = valid.astype(gram.dtype)
     top = jnp.concatenate([jnp.zeros(1, gram.dtype), border])
     system = jnp.concatenate([border[:, None] * jnp.ones((batch, m, 1), gram.dtype), gram], axis=2)
@@ -74,10 +85,15 @@ class Anderson(Solver):
 
     Args:
       m: history size (number of past iterates mixed).
-      lam: ridge regularisation of the Gram matrix.
+      lam: ridge regularisation of the Gram matrix ``G G^T + lam I``.
       beta: mixing parameter; 1 is undamped, <1 damped, >1 over-projected.
       tol: relative residual ``||f(z)-z|| / (||f(z)|| + 1e-5)`` at which an example stops.
       max_iter: most f evaluations per example; the chapter's ``max_iter`` means the same.
+      ridge: ``"absolute"`` (the chapter's): ``lam`` is added as it is, so it must be
+        far below the squared residuals near the solution or it slows Anderson down
+        -- at tolerances below about 1e-4, lower it or use ``"relative"``:
+        ``lam`` times the mean of the Gram matrix's diagonal, per example, which
+        does not depend on the residuals' scale.
 
     Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
@@ -91,12 +107,15 @@ class Anderson(Solver):
     beta: float = 1.0
     tol: float = 1e-2
     max_iter: int = 50
+    ridge: str = "absolute"
 
     def __post_init__(self):
         check_solver_options(self)
         check_int("Anderson", m=self.m)
         check_number("Anderson", "beta", self.beta)
         check_number("Anderson", "lam", self.lam, low_open=False)
+        if self.ridge not in RIDGES:
+            raise ValueError(f"Anderson: ridge must be one of {RIDGES}, got {self.ridge!r}.")
 
     def init(self, batch, features, dtype) -> AndersonHistory:
         """Empty ``[B, m, D]`` buffers and a zero Gram matrix (see ``deq_jax.Solver``)."""
@@ -109,11 +128,11 @@ class Anderson(Solver):
         # The chapter's second iterate is plain f(z0), whatever beta is: alpha = e_0 and no
         # X term at k = 1 (cheaper than selecting between two [B, D] iterates).
         alpha = jnp.where(k == 1, jnp.eye(1, m, dtype=history.gram.dtype),
-                          mixing_weights(history.gram, jnp.minimum(k, m), self.lam))
+                          mixing_weights(history.gram, jnp.minimum(k, m), self.lam, self.ridge == "relative"))
         # beta F alpha + (1 - beta) X alpha, with X = F - G.
-        mixed = jnp.einsum("bi,bid->bd", alpha, history.fx)
+        mixed = history_einsum("bi,bid->bd", alpha, history.fx)
         if self.beta != 1.0:
-            mixed -= jnp.where(k == 1, 0, 1 - self.beta) * jnp.einsum("bi,bid->bd", alpha, history.residual)
+            mixed -= jnp.where(k == 1, 0, 1 - self.beta) * history_einsum("bi,bid->bd", alpha, history.residual)
         return mixed
 
     def record(self, history: AndersonHistory, k, x, fx, active) -> AndersonHistory:
@@ -122,7 +141,7 @@ class Anderson(Solver):
         new = fx - x
         residual = history.residual.at[:, slot].set(select_rows(active, new, lambda: history.residual[:, slot]))
         # The new residual against every stored one (itself included): row and column `slot`.
-        row = jnp.where(active[:, None], jnp.einsum("bd,bjd->bj", new, residual), history.gram[:, slot])
+        row = jnp.where(active[:, None], history_einsum("bd,bjd->bj", new, residual), history.gram[:, slot])
         return AndersonHistory(
             fx=history.fx.at[:, slot].set(select_rows(active, fx, lambda: history.fx[:, slot])),
             residual=residual,

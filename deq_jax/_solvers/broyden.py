@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._checks import check_int
-from ._loop import Solver, check_solver_options
+from ._loop import Solver, check_solver_options, history_einsum
 
 # The default memory (see Broyden's docstring for the measurements behind both numbers):
 # as many updates as fit in this many bytes of buffers per example, but at least
@@ -86,13 +86,13 @@ def broyden_update(history: BroydenHistory, k, x, g, active: jax.Array) -> Broyd
     u_buf, v_buf, dx, c = history.u, history.v, history.step, history.c
     replaced = jnp.arange(memory) == slot
     # The coefficients: dx against every u_j, g against every v_j.
-    a = jnp.einsum("bmd,bd->bm", u_buf, dx)
-    b = jnp.einsum("bmd,bd->bm", v_buf, g)
+    a = history_einsum("bmd,bd->bm", u_buf, dx)
+    b = history_einsum("bmd,bd->bm", v_buf, g)
     a_o, b_o, c_o = (jnp.sum(jnp.where(replaced, t, 0), axis=1, keepdims=True) for t in (a, b, c))
     # The combinations: v^T = -dx + sum_{j != o} a_j v_j, H' g = -g + sum_{j != o} b_j u_j, and v_o, u_o.
     onehot = jnp.broadcast_to(replaced, a.shape).astype(a.dtype)
-    sums_v = jnp.einsum("bkm,bmd->bkd", jnp.stack([jnp.where(replaced, 0, a), onehot], axis=1), v_buf)
-    sums_u = jnp.einsum("bkm,bmd->bkd", jnp.stack([jnp.where(replaced, 0, b), onehot], axis=1), u_buf)
+    sums_v = history_einsum("bkm,bmd->bkd", jnp.stack([jnp.where(replaced, 0, a), onehot], axis=1), v_buf)
+    sums_u = history_einsum("bkm,bmd->bkd", jnp.stack([jnp.where(replaced, 0, b), onehot], axis=1), u_buf)
     vt, v_o = sums_v[:, 0] - dx, sums_v[:, 1]
     h_g, u_o = sums_u[:, 0] - g, sums_u[:, 1]
     minus_u_numerator = h_g + c_o * u_o  # H' dg - dx
