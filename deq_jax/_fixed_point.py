@@ -14,7 +14,7 @@ from jax.custom_derivatives import SymbolicZero
 from ._gradients import Implicit, Phantom, check_gradient, phantom_solve
 from ._solution import NUM_STATS, Solution
 from ._solvers import Anderson, check_solver
-from ._solvers._loop import budget_per_example, check_problem
+from ._solvers._loop import budget_per_example, check_f_output, check_z0
 from ._checks import check_examples
 from ._tree import add_system_axis, as_one_example, drop_system_axis
 from ._tracing import tracing_tangents
@@ -106,7 +106,7 @@ def fixed_point(
         solution = fixed_point(as_one_example(f), add_system_axis(z0), args, solver=solver, gradient=gradient,
                                backward_stats_probe=backward_stats_probe, budget=budget)
         return dataclasses.replace(solution, value=drop_system_axis(solution.value))
-    check_problem("fixed_point", lambda z: f(z, args), z0)
+    check_z0("fixed_point", z0)
     if backward_stats_probe is None:
         backward_stats_probe = jnp.zeros(NUM_STATS, jnp.float32)
     elif jnp.shape(backward_stats_probe) != (NUM_STATS,):
@@ -119,6 +119,8 @@ def fixed_point(
         return phantom_solve(f, z0, args, solver, gradient, limit)
     backward_solver = solver if gradient.solver is None else gradient.solver
     closed_f, consts = jax.closure_convert(f, z0, args)
+    # Checked on closed_f's jaxpr, not by tracing f once more (f's trace is most of the step's).
+    check_f_output("fixed_point", jax.eval_shape(lambda z: closed_f(z, args, *consts), z0), z0)
     # f once more for its JVPs, traced so that every operation has one (see _tracing.py); a new
     # function object, since closure_convert caches its trace by function. (Retracing f itself in
     # the rule instead, where it closes over nothing, made tracing slower -- the rule traces it thrice:

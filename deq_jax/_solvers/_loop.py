@@ -153,6 +153,12 @@ def relative_residual(x: jax.Array, fx: jax.Array) -> jax.Array:
 
 def check_problem(owner: str, f: Callable, z0) -> None:
     """Trace-time checks on ``z0`` and ``f(z0)``, with messages that name the problem."""
+    check_z0(owner, z0)
+    check_f_output(owner, jax.eval_shape(f, z0), z0)
+
+
+def check_z0(owner: str, z0) -> None:
+    """Checks that ``z0`` is a pytree of non-empty floating arrays with one leading batch axis."""
     leaves = jax.tree_util.tree_leaves(z0)
     if not leaves:
         raise ValueError(f"{owner}: z0 has no arrays.")
@@ -177,8 +183,12 @@ def check_problem(owner: str, f: Callable, z0) -> None:
                 "entries (e.g. W @ z), solve them as one system: deq_jax.fixed_point(..., examples='coupled'), "
                 "or give z0 a leading axis of 1; if they are independent scalars, reshape z0 to (n, 1)."
             )
-    expected = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), z0)
-    got = jax.eval_shape(f, z0)
+
+
+def check_f_output(owner: str, got, z0) -> None:
+    """Checks that ``got``, ``f(z0)`` or its ``jax.eval_shape``, has ``z0``'s structure, shapes and dtypes."""
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+    expected, got = shapes(z0), shapes(got)
     if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected) or any(
         (a.shape, a.dtype) != (b.shape, b.dtype)
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected))
@@ -232,13 +242,15 @@ def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
     """
     owner, tol, max_iter = type(solver).__name__, solver.tol, solver.max_iter
     f_in_cond = backend_choices().f_in_cond
-    check_problem(owner, f, z0)
+    check_z0(owner, z0)
+    fz0 = f(z0)  # checked as it is computed: no extra trace of f
+    check_f_output(owner, fz0, z0)
     x0, unravel = batch_ravel(z0)
 
     def f_flat(x):
         return batch_ravel(f(unravel(x)))[0]
 
-    fx0 = f_flat(x0)
+    fx0 = batch_ravel(fz0)[0]
     residual0 = relative_residual(x0, fx0)
     batch = x0.shape[0]
     limit = budget_per_example(owner, budget, batch, max_iter)
