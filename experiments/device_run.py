@@ -1,4 +1,4 @@
-"""One run on a lent accelerator: the CIFAR-10 recipes, the speed table, the test suite, in a time budget.
+"""A time-budgeted run on a GPU or TPU machine you have for a limited time: the CIFAR-10 recipes, the speed table, the test suite.
 
 Installs nothing and needs no network or TFDS: the data comes as ``export_npz`` parts,
 and everything is written under ``--out`` (the device's ``$OUT``). The three parts run

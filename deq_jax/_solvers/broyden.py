@@ -132,12 +132,8 @@ class Broyden(Solver):
     ``value`` is ``f(z)`` at each example's lowest-residual iterate ``z``, as for the
     other solvers. Cost per step beyond f: four batched matrix-vector products over the
     two ``[B, memory, D]`` buffers and a few passes over ``[B, D]`` arrays
-    (``broyden_update``), no copy of the buffers. Measured against Anderson (m=5) at
-    equal work (25 f evaluations forward, 25 VJPs backward) on the CIFAR cell, batch 32,
-    a gradient through the forward and backward solves cost 1.05x Anderson's with the
-    default memory, the forward solve alone 1.16x (``python -m
-    experiments.benchmarks.broyden_cost --repeats 5``, 2 idle CPU cores, 2026-12-03; with
-    a test suite running beside it, 1.33x and 1.18x).
+    (``broyden_update``), no copy of the buffers. Its cost against Anderson's at equal
+    work is Q9 of the docs' measurements page.
 
     Args:
       tol: relative residual ``||f(z)-z|| / (||f(z)|| + 1e-5)`` at which an example stops.
@@ -150,18 +146,11 @@ class Broyden(Solver):
         tests' small problems at tight tolerances.) A skipped update leaves the slot's pair
         in place; the next update goes to the next slot all the same.
         None (the default): as many as fit the two buffers in 1 MiB per example, at least
-        6, at most ``max_iter - 2`` (every update a solve can use; that was the default
-        before, 0.9 GB of buffers at batch 100 on the CIFAR cell with ``max_iter=25``). So
-        6 on the CIFAR cell (2 x 6 x 192 KiB per example) and on the chapter's demo cell,
-        every update, as before, on small states. Six is the
-        smallest memory whose steps to converge stayed within 2% of every update kept
-        (``max_iter=50``) in ``python -m experiments.benchmarks.broyden_cost --memory-sweep``:
-        forward and backward solves of the CIFAR cell at initialisation and of the
-        chapter's demo problem (batch 32 each), tol 1e-2 and 1e-4 (run of 2026-12-03). Mean forward steps,
-        relative to all kept: memory 4: up to 1.097; 6: at most 1.012; 8: up to 1.083,
-        10: 1.072, 12: 1.021 (all three on the demo at 1e-4, not monotone in memory);
-        16: 0.999-1.000. At tol 1e-2 every memory from 6 took the same steps as all kept, and
-        backward solves took the same steps for every memory from 4.
+        6, at most ``max_iter - 2`` (every update a solve can use): 6 on the CIFAR cell
+        (2 x 6 x 192 KiB per example) and every update on small states. Six is the
+        smallest memory whose steps to converge stayed close to those with every update
+        kept (``python -m experiments.benchmarks.broyden_cost --memory-sweep``; the
+        numbers are in Q9 of the docs' measurements page).
 
     Examples:
       >>> import jax.numpy as jnp, deq_jax as dj
