@@ -87,23 +87,23 @@ def precision_cost(quick: bool, repeats: int) -> str:
             + "; ".join(times.values()) + " (full vs default precision).")
 
 
-def variants(quick: bool = False) -> dict[str, tuple[dj.Anderson, bool]]:
-    """Row name -> (solver, whether its products are TF32); fewer in quick mode."""
-    anderson = lambda tol, **options: dj.Anderson(m=5, tol=tol, max_iter=MAX_ITER, **options)
+def variants(quick: bool = False) -> dict[str, tuple[dj.Anderson, str]]:
+    """Row name -> (solver, its history products' kind for :func:`products`); fewer in quick mode."""
+    make = lambda tol, **options: dj.Anderson(m=5, tol=tol, max_iter=MAX_ITER, **options)
     rows = {} if quick else {
-        f"tol {CHAPTER_TOL:g}: lam=1e-4 absolute (default)": (anderson(CHAPTER_TOL), False),
-        f"tol {CHAPTER_TOL:g}: lam=1e-4 relative": (anderson(CHAPTER_TOL, ridge="relative"), False)}
+        f"tol {CHAPTER_TOL:g}: lam=1e-4 absolute (default)": (make(CHAPTER_TOL), "full"),
+        f"tol {CHAPTER_TOL:g}: lam=1e-4 relative": (make(CHAPTER_TOL, ridge="relative"), "full")}
     for lam in (1e-4, 1e-8) if quick else (1e-4, 1e-6, 1e-8, 1e-10):
-        rows[f"tol {TOL:g}: lam={lam:g} absolute"] = (anderson(TOL, lam=lam), False)
+        rows[f"tol {TOL:g}: lam={lam:g} absolute"] = (make(TOL, lam=lam), "full")
     for lam in (1e-4,) if quick else (1e-4, 1e-8):
-        rows[f"tol {TOL:g}: lam={lam:g} relative"] = (anderson(TOL, lam=lam, ridge="relative"), False)
-    rows[f"tol {TOL:g}: lam=0.0001 absolute, TF32 products"] = (anderson(TOL), True)
+        rows[f"tol {TOL:g}: lam={lam:g} relative"] = (make(TOL, lam=lam, ridge="relative"), "full")
+    rows[f"tol {TOL:g}: lam=0.0001 absolute, TF32 products"] = (make(TOL), "tf32")
     return rows
 
 
-def solve(solver: dj.Anderson, in_tf32: bool, f, args):
-    """One jitted forward solve from zero (traced under TF32 products if asked)."""
-    with products("tf32" if in_tf32 else "full"):
+def solve(solver: dj.Anderson, kind: str, f, args):
+    """One jitted forward solve from zero, traced with the history products of ``kind``."""
+    with products(kind):
         return jax.jit(lambda a: solver(lambda z: f(z, a), jnp.zeros_like(a[1])))(args)
 
 
@@ -114,8 +114,8 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
     channels, inner, batch, size = PROBLEM["quick" if quick else "full"]
     _, f, params, x, _ = common.cell_problem(channels, inner, batch, size)
     rows = []
-    for name, (solver, in_tf32) in variants(quick).items():
-        solution = jax.device_get(solve(solver, in_tf32, f, (params, x)))
+    for name, (solver, kind) in variants(quick).items():
+        solution = jax.device_get(solve(solver, kind, f, (params, x)))
         rows.append({"variant": name, "mean_steps": float(np.mean(solution.num_steps)),
                      "max_steps": int(np.max(solution.num_steps)),
                      "max_residual": float(np.max(solution.residual)),
