@@ -10,8 +10,11 @@ from ._backend import backend_choices as backend_choices
 from ._correction import fixed_point_states as fixed_point_states
 from ._correction import fp_correction as fp_correction
 from ._fixed_point import fixed_point as fixed_point
-from ._gradients import Implicit as Implicit
+from ._gradients import Backprop as Backprop
+from ._gradients import Gradient as Gradient
 from ._gradients import Phantom as Phantom
+from ._implicit import Implicit as Implicit
+from ._implicit import Neumann as Neumann
 from ._solution import Solution as Solution
 from ._solution import SolveStats as SolveStats
 from ._solvers import Anderson as Anderson

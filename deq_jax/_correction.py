@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from ._checks import check_int, check_number
 from ._fixed_point import fixed_point
-from ._gradients import Implicit
+from ._implicit import Implicit
 from ._solution import Solution, SolveStats
 from ._solvers import Anderson
 

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import deq_jax as dj
-from deq_jax._fixed_point import solve_linear
+from deq_jax._implicit import solve_linear
 from experiments.benchmarks.common import REFERENCE, load_reference, relative_diff
 
 TOL = 1e-4

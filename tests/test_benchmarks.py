@@ -331,3 +331,22 @@ def test_anderson_ridge():
     # The relative ridge needs fewer f evaluations than the chapter's absolute one at this tolerance.
     assert rows["tol 1e-06: lam=0.0001 relative"]["mean_steps"] < rows["tol 1e-06: lam=0.0001 absolute"]["mean_steps"]
     assert "full precision's cost" in result.markdown()
+
+
+def test_gradient_quality(monkeypatch):
+    from experiments.benchmarks import gradient_quality
+
+    # Three strategies keep it short (tests/test_strategies.py checks every strategy itself).
+    names = ["implicit (Anderson, tol 1e-2, at most 25 VJPs)", "Jacobian-free: Phantom(1)", "Neumann(5)"]
+    monkeypatch.setattr(gradient_quality, "STRATEGIES", {k: gradient_quality.STRATEGIES[k] for k in names})
+    with common.synthetic_data(NO_CIFAR):
+        result = gradient_quality.run(quick=True, repeats=1)
+    check_table(result, columns=7)
+    assert [(r["state"], r["strategy"]) for r in result.rows] == [
+        (state, name) for state in ("initialisation", "after 1 training steps") for name in names]
+    for r in result.rows:
+        assert all(-1 <= r[k] <= 1 for k in ("cos_params", "cos_x")) and positive(r["error_params"]), r
+        assert r["f_evals"] >= 2 and r["vjps"] >= 1 and positive(r["seconds"]), r
+    for state in ("initialisation", "after 1 training steps"):
+        implicit, jacobian_free, _ = (r for r in result.rows if r["state"] == state)
+        assert implicit["error_params"] < jacobian_free["error_params"], (implicit, jacobian_free)

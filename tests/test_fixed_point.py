@@ -7,7 +7,7 @@ from flax import nnx
 from jax.test_util import check_grads
 
 import deq_jax as dj
-from deq_jax._fixed_point import solve_linear
+from deq_jax._implicit import solve_linear
 
 TIGHT = [dj.Anderson(lam=1e-10, tol=1e-12, max_iter=300), dj.Broyden(tol=1e-12, max_iter=300),
          dj.ForwardIteration(tol=1e-12, max_iter=300)]

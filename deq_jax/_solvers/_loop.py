@@ -146,7 +146,12 @@ def select_rows(mask: jax.Array, new: jax.Array, old: Callable[[], jax.Array]) -
 
 
 def relative_residual(x: jax.Array, fx: jax.Array) -> jax.Array:
-    """``||f(x) - x|| / (||f(x)|| + eps)`` per row; ``inf`` where it is not finite."""
+    """``||f(x) - x|| / (||f(x)|| + eps)`` per row; ``inf`` where it is not finite.
+
+    Not differentiated: it decides stops and reports, and a norm's derivative at 0 is not
+    finite (a zero cotangent times it is NaN), which a differentiated loop would meet.
+    """
+    x, fx = lax.stop_gradient(x), lax.stop_gradient(fx)
     residual = jnp.linalg.norm(fx - x, axis=1) / (jnp.linalg.norm(fx, axis=1) + RESIDUAL_EPS)
     return jnp.where(jnp.isfinite(residual), residual, jnp.inf)
 
@@ -224,7 +229,8 @@ def budget_per_example(owner: str, budget, batch: int, max_iter: int) -> jax.Arr
     return jnp.broadcast_to(jnp.clip(jnp.asarray(budget, jnp.int32), 1, max_iter), (batch,))
 
 
-def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
+def iterate(solver: Solver, f: Callable, z0, budget=None, *, differentiable: bool = False,
+            checkpoint_every: int | None = None) -> Solution:
     """Runs ``solver``'s ``init``/``propose``/``record`` under ``lax.while_loop``, per example.
 
     Args:
@@ -235,6 +241,12 @@ def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
         counts them (``f(z0)`` is the first): an int, or an integer array of shape
         ``()`` or ``[B]``, and it may be traced, so changing it does not recompile.
         ``max_iter`` stays the compile-time ceiling; a larger budget is clamped to it.
+      differentiable: run the iterations as a ``lax.scan`` of ``max_iter - 1`` guarded
+        steps (a step once every example has stopped changes nothing and evaluates no f),
+        which reverse mode can differentiate, instead of a ``lax.while_loop``.
+      checkpoint_every: with ``differentiable``, rematerialise the iterations in segments
+        of this many steps (``jax.checkpoint``): reverse mode then stores one state per
+        segment and one segment's iterations, not every iteration.
 
     Returns:
       The ``Solution``; ``value`` is ``f(z)`` at each example's lowest-residual
@@ -290,7 +302,10 @@ def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
             trace=s.trace.at[s.k].set(jnp.where(s.active, residual, jnp.nan)),
         )
 
-    final = lax.while_loop(cond, body, state)
+    if differentiable:
+        final = _guarded_scan(cond, body, state, max_iter - 1, checkpoint_every)
+    else:
+        final = lax.while_loop(cond, body, state)
     return Solution(
         value=unravel(final.best_fx),
         num_steps=final.num_steps,
@@ -300,3 +315,18 @@ def iterate(solver: Solver, f: Callable, z0, budget=None) -> Solution:
         diverged=final.diverged,
     )
 
+
+
+def _guarded_scan(cond: Callable, body: Callable, state, steps: int, checkpoint_every: int | None):
+    """``lax.while_loop(cond, body, state)`` for at most ``steps`` steps, as a reverse-differentiable scan."""
+    def step(s, _):
+        return lax.cond(cond(s), body, lambda s: s, s), None
+
+    if checkpoint_every is None:
+        return lax.scan(step, state, length=steps)[0]
+
+    @jax.checkpoint
+    def segment(s, _):
+        return lax.scan(step, s, length=checkpoint_every)[0], None
+
+    return lax.scan(segment, state, length=-(-steps // checkpoint_every))[0]

@@ -36,12 +36,23 @@ class BroydenHistory(NamedTuple):
     c: jax.Array
 
 
+@jax.custom_jvp
 def _row_sums(*terms: jax.Array) -> tuple[jax.Array, ...]:
-    """Per-row sums of several ``[B, D]`` terms in one pass (a variadic reduce), accumulated in >= float32."""
+    """Per-row sums of several ``[B, D]`` terms in one pass (a variadic reduce), accumulated in >= float32.
+
+    Differentiable (``deq_jax.Backprop`` goes through Broyden's updates): JAX has no
+    derivative for a variadic reduce, so the rule sums each tangent on its own.
+    """
     dtype = jnp.promote_types(terms[0].dtype, jnp.float32)
     zero = jnp.zeros((), dtype)
     return lax.reduce(tuple(t.astype(dtype) for t in terms), (zero,) * len(terms),
                       lambda x, y: tuple(a + b for a, b in zip(x, y)), (1,))
+
+
+@_row_sums.defjvp
+def _row_sums_jvp(terms, tangents):
+    dtype = jnp.promote_types(terms[0].dtype, jnp.float32)
+    return _row_sums(*terms), tuple(jnp.sum(t.astype(dtype), axis=1) for t in tangents)
 
 
 def broyden_update(history: BroydenHistory, k, x, g, active: jax.Array) -> BroydenHistory:
@@ -102,7 +113,8 @@ def broyden_update(history: BroydenHistory, k, x, g, active: jax.Array) -> Broyd
     bound = (size / jnp.abs(denominator)).astype(g.dtype)
     r, denominator = r.astype(g.dtype), denominator.astype(g.dtype)
     ok = active[:, None] & (denominator != 0) & jnp.isfinite(denominator) & jnp.isfinite(bound)
-    u = -minus_u_numerator / denominator
+    # 1 where unused: u's derivative stays finite there (deq_jax.Backprop differentiates this update).
+    u = -minus_u_numerator / jnp.where(ok, denominator, 1)
     # -H_new g = -H' g - (v^T g) u; without an update, -H g = -H' g - (v_o^T g) u_o.
     new_step = -h_g - jnp.where(ok, r, b_o) * jnp.where(ok, u, u_o)
     running = active[:, None]

@@ -8,7 +8,8 @@ from flax import nnx
 from .._correction import fixed_point_states
 from .._fixed_point import fixed_point
 from .._checks import check_examples, check_int
-from .._gradients import Implicit, apply_steps
+from .._gradients import apply_steps
+from .._implicit import Implicit
 from .._jacobian import jacobian_penalty, spectral_radius
 from .._solution import NUM_STATS, Solution, SolveStats
 from .._solvers import Anderson

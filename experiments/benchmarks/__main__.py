@@ -12,7 +12,8 @@ import time
 from . import common
 
 BENCHMARKS = ("ops", "solver_overhead", "vs_pytorch", "vs_jax_peers", "memory", "scaling", "backward_scale",
-              "jacobian_cost", "broyden_cost", "mdeq_cost", "forward_mode", "anderson_ridge")
+              "jacobian_cost", "broyden_cost", "mdeq_cost", "forward_mode", "anderson_ridge",
+              "gradient_quality")
 
 
 def run_all(quick: bool = False, repeats: int | None = None, only=None) -> dict[str, common.Result]:

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 import deq_jax as dj
-from deq_jax._fixed_point import solve_linear
+from deq_jax._implicit import solve_linear
 from experiments.cifar10.input_pipeline import normalize
 from experiments.cifar10.model import CifarDEQ
 

@@ -31,7 +31,7 @@ ANDERSON_M = 5
 END_LR = 1e-6  # the chapter's CosineAnnealingLR(eta_min=1e-6)
 MODELS = ("chapter", "mdeq-tiny", "mdeq-large")
 SOLVERS = ("anderson", "forward", "broyden")
-GRADIENTS = ("implicit", "phantom")
+GRADIENTS = ("implicit", "phantom", "neumann", "backprop")
 # Computation dtypes: parameters, solver state and the loss stay float32 (see CifarDEQ).
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 # Fields that may change between a run and its resumption without changing the result.
@@ -103,10 +103,16 @@ class Config:
     f_max_iter: int = option(25, "most forward f evaluations (%(default)s)")
     b_tol: float = option(1e-2, "backward relative residual tolerance, implicit gradient (%(default)s)")
     b_max_iter: int = option(25, "most backward solver steps, implicit gradient (%(default)s)")
-    gradient: str = option("implicit", "implicit (exact) or phantom (backprop through a few damped steps from z*) "
-                           "(%(default)s)", choices=GRADIENTS)
+    gradient: str = option("implicit", "implicit (exact), phantom (backprop through a few damped steps from z*) "
+                           "neumann (a truncated Neumann series for the inverse) or backprop (through the forward solver's "
+                           "iterations) (%(default)s)", choices=GRADIENTS)
     phantom_steps: int = option(1, "phantom gradient: unrolled steps (%(default)s)", metavar="K")
     phantom_damping: float = option(1.0, "phantom gradient: damping in (0, 1] (%(default)s)", metavar="T")
+    neumann_terms: int = option(5, "neumann gradient: terms of the series (%(default)s)", metavar="K")
+    neumann_damping: float = option(1.0, "neumann gradient: damping in (0, 1] (%(default)s)", metavar="T")
+    backprop_checkpoint_every: int | None = option(None, "backprop gradient: recompute the iterations in segments "
+                                                   "of N steps instead of storing them (default: store every step)",
+                                                   type=int, metavar="N")
     fp_correction: int = option(1, "fixed-point correction: supervise N states along the forward solve (its "
                                 "--f-max-iter split into N segments), weighted G^(N-1-k); 1 is off (%(default)s)",
                                 metavar="N")
@@ -153,13 +159,15 @@ class Config:
         def is_number(value):
             return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
 
-        for name in ("epochs", "batch_size", "f_max_iter", "b_max_iter", "phantom_steps", "warmup_depth",
+        for name in ("epochs", "batch_size", "f_max_iter", "b_max_iter", "phantom_steps", "neumann_terms", "warmup_depth",
                      "fp_correction", "max_skipped_steps"):
             check(name, lambda v: is_int(v) and v >= 1, "an int >= 1")
         for name in ("train_limit", "eval_limit"):
             check(name, lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 (or unset: the whole split)")
         check("broyden_memory", lambda v: v is None or is_int(v) and v >= 1,
               "an int >= 1 (or unset: deq_jax's default)")
+        check("backprop_checkpoint_every", lambda v: v is None or is_int(v) and v >= 1,
+              "an int >= 1 (or unset: every step stored)")
         for name in ("lr", "f_tol", "b_tol"):
             check(name, lambda v: is_number(v) and v > 0, "a finite number > 0")
         for name in ("seed", "warmup_steps"):
@@ -167,7 +175,7 @@ class Config:
         for field in dataclasses.fields(self):
             if field.metadata["choices"] is not None:
                 check(field.name, lambda v, c=field.metadata["choices"]: v in c, f"one of {field.metadata['choices']}")
-        for name in ("phantom_damping", "damping", "fp_gamma"):
+        for name in ("phantom_damping", "neumann_damping", "damping", "fp_gamma"):
             check(name, lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
         if self.solver != "forward":
             check("damping", lambda v: v == 1, "1 unless --solver forward (the other solvers are not damped)")
@@ -213,6 +221,10 @@ class Config:
         }[self.solver]
         if self.gradient == "phantom":
             gradient = dj.Phantom(self.phantom_steps, self.phantom_damping)
+        elif self.gradient == "neumann":
+            gradient = dj.Neumann(self.neumann_terms, self.neumann_damping)
+        elif self.gradient == "backprop":
+            gradient = dj.Backprop(self.backprop_checkpoint_every)
         else:
             gradient = dj.Implicit(make(self.b_tol, self.b_max_iter))
         return make(self.f_tol, self.f_max_iter), gradient

@@ -1,0 +1,187 @@
+"""The gradient protocol (a strategy written outside the package), the Neumann-series phantom gradient, backprop through the solve."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import deq_jax as dj
+
+TIGHT = dj.Anderson(lam=1e-10, tol=1e-13, max_iter=200)
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobianFree(dj.Gradient):
+    """The Jacobian-free gradient, written as a user would: the value f(z*), differentiated through that step only."""
+
+    def solve(self, f, z0, args, solver, budget, backward_stats_probe):
+        frozen = jax.lax.stop_gradient(args)
+        solution = solver(lambda z: f(z, frozen), z0, budget)
+        return dataclasses.replace(solution, value=f(jax.lax.stop_gradient(solution.value), args))
+
+
+def test_a_strategy_from_outside_gets_the_deq_layer_statistics_and_budgets(x64):
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 4), jnp.float64)
+    solver = dj.Anderson(tol=1e-4, max_iter=60)
+    cell = lambda: dj.nn.ResNetCell(4, 6, num_groups=2, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+
+    def grads(gradient):
+        deq = dj.nn.DEQ(cell(), solver=solver, gradient=gradient)
+        return nnx.jit(nnx.grad(lambda deq: jnp.sum(jnp.sin(deq(x)))))(deq)
+
+    mine, builtin = grads(JacobianFree()), grads(dj.Phantom(1, 1.0))  # Phantom(1, 1.0) is the same gradient
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(builtin)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    deq = dj.nn.DEQ(cell(), solver=solver, gradient=JacobianFree())
+    solution = nnx.jit(lambda deq, budget: deq.solve(x, budget=budget))(deq, jnp.array([2, 3, 60]))
+    np.testing.assert_array_equal(solution.num_steps[:2], [2, 3])
+    assert bool(solution.converged[2]) and not solution.converged[:2].any()
+    stats = solution.stats()
+    assert float(stats.max_steps) == float(solution.num_steps[2]) and float(stats.converged_fraction) == pytest.approx(1 / 3)
+
+
+def dense_problem():
+    """``f(z, (w, x)) = tanh(z w + x)`` on a batch of 3 examples of 4 features, float64, with its fixed point."""
+    w = 0.7 * jax.random.orthogonal(jax.random.key(0), 4, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, 4), jnp.float64)
+    f = lambda z, a: jnp.tanh(z @ a[0] + a[1])
+    z_star = TIGHT(lambda z: f(z, (w, x)), jnp.zeros_like(x)).value
+    return f, (w, x), z_star
+
+
+def by_hand_series(matrices, y, terms, damping):
+    """``damping * sum_{k<terms} A_b^k y_b`` per example, ``A_b = damping * M_b + (1 - damping) * I``."""
+    a = damping * matrices + (1 - damping) * jnp.eye(matrices.shape[-1])
+    total, term = jnp.zeros_like(y), y
+    for _ in range(terms):
+        total, term = total + term, jnp.einsum("bij,bj->bi", a, term)
+    return damping * total
+
+
+@pytest.mark.parametrize("terms, damping", [(1, 1.0), (4, 1.0), (6, 0.6)])
+def test_neumann_is_the_hand_written_series_in_both_modes(x64, terms, damping):
+    f, (w, x), z_star = dense_problem()
+    # J_b = d f_b / d z_b at z*, one Jacobian per example (rows do not interact).
+    jacobians = jax.vmap(jax.jacobian(lambda z, x: f(z[None], (w, x[None]))[0]))(z_star, x)
+    fixed_point = lambda a: dj.fixed_point(f, jnp.zeros_like(x), a, solver=TIGHT, gradient=dj.Neumann(terms, damping)).value
+    _, f_vjp = jax.vjp(lambda a: f(z_star, a), (w, x))
+    y = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
+    # Reverse: the cotangent y through the transposed series, then one VJP w.r.t. the arguments.
+    want = f_vjp(by_hand_series(jnp.swapaxes(jacobians, 1, 2), y, terms, damping))[0]
+    got = jax.vjp(fixed_point, (w, x))[1](y)[0]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    # Forward: the tangent of the arguments through f, then the series.
+    v = (jnp.zeros_like(w), jax.random.normal(jax.random.key(3), x.shape, jnp.float64))
+    rhs = jax.jvp(lambda a: f(z_star, a), ((w, x),), (v,))[1]
+    np.testing.assert_allclose(jax.jvp(fixed_point, ((w, x),), (v,))[1], by_hand_series(jacobians, rhs, terms, damping),
+                               rtol=1e-10, atol=1e-13)
+
+
+def test_neumann_approaches_the_implicit_gradient_on_a_tuple_state_and_reports_no_backward_stats(x64):
+    # A tuple state (as MDEQ's branches): u feeds v, v feeds u.
+    f = lambda z, a: (jnp.tanh(0.2 * z[0] + 0.3 * z[1].sum(1, keepdims=True) + a), jnp.tanh(0.4 * z[0][:, :2] - a[:, :2]))
+    z0 = (jnp.zeros((2, 3), jnp.float64), jnp.zeros((2, 2), jnp.float64))
+    a = jax.random.normal(jax.random.key(0), (2, 3), jnp.float64)
+    probe = jnp.ones(len(dj.SolveStats._fields))
+
+    def loss(a, probe, gradient):
+        z = dj.fixed_point(f, z0, a, solver=TIGHT, gradient=gradient, backward_stats_probe=probe).value
+        return jnp.sum(jnp.sin(z[0])) + jnp.sum(z[1] ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    exact = grad(a, probe, dj.Implicit())[0]
+    errors = [float(jnp.abs(grad(a, probe, dj.Neumann(k))[0] - exact).max()) for k in (1, 4, 16, 48)]
+    assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:])) and errors[0] > 1e-2 and errors[-1] < 1e-12, errors
+    np.testing.assert_array_equal(grad(a, probe, dj.Neumann(4))[1], 0)
+
+
+def forward_iteration_schedule(f, z0, tol, max_iter, damping):
+    """Each example's f evaluations and lowest-residual one, by damped forward iteration in numpy (the loop's rule)."""
+    schedule = []
+    for row in np.asarray(z0):
+        x = row[None]
+        residuals = []
+        while True:
+            fx = np.asarray(f(x, len(schedule)))
+            residuals.append(np.linalg.norm(fx - x) / (np.linalg.norm(fx) + 1e-5))
+            if residuals[-1] < tol or len(residuals) == max_iter:
+                break
+            x = damping * fx + (1 - damping) * x
+        schedule.append((len(residuals), int(np.argmin(residuals))))
+    return schedule
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 3])
+def test_backprop_is_plain_backprop_through_a_python_unrolled_loop_of_each_examples_steps(x64, checkpoint_every):
+    f, (w, x), _ = dense_problem()
+    x = x * jnp.array([[0.1], [1.0], [3.0]])  # examples that stop after different numbers of steps
+    tol, max_iter, damping = 1e-6, 40, 0.8
+    z0 = jnp.zeros_like(x)
+    schedule = forward_iteration_schedule(lambda z, b: f(z, (w, x[b:b + 1])), z0, tol, max_iter, damping)
+    assert len({steps for steps, _ in schedule}) == 3, schedule
+
+    def unrolled(a):
+        rows = []
+        for b, (steps, best) in enumerate(schedule):
+            z, images = z0[b:b + 1], []
+            for _ in range(steps):
+                images.append(f(z, (a[0], a[1][b:b + 1])))
+                z = damping * images[-1] + (1 - damping) * z
+            rows.append(images[best])
+        return jnp.concatenate(rows)
+
+    solver = dj.ForwardIteration(tol, max_iter, damping=damping)
+    solution = dj.fixed_point(f, z0, (w, x), solver=solver, gradient=dj.Backprop(checkpoint_every))
+    np.testing.assert_array_equal(solution.num_steps, [steps for steps, _ in schedule])
+    fixed_point = lambda a: dj.fixed_point(f, z0, a, solver=solver, gradient=dj.Backprop(checkpoint_every)).value
+    y = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
+    got, want = jax.vjp(fixed_point, (w, x))[1](y)[0], jax.vjp(unrolled, (w, x))[1](y)[0]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    tangent = (jnp.ones_like(w), jnp.zeros_like(x))
+    np.testing.assert_allclose(jax.jvp(fixed_point, ((w, x),), (tangent,))[1],
+                               jax.jvp(unrolled, ((w, x),), (tangent,))[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("solver", [dj.Anderson(tol=1e-12, max_iter=8), dj.Broyden(tol=1e-12, max_iter=8)], ids=type)
+def test_backprop_through_anderson_and_broyden_matches_finite_differences(x64, solver):
+    # 8 steps, far from the tolerance: the derivative of the finite solve, not of the fixed point.
+    f, args, _ = dense_problem()
+    loss = lambda a: jnp.sum(jnp.sin(dj.fixed_point(f, jnp.zeros_like(a[1]), a, solver=solver,
+                                                    gradient=dj.Backprop(checkpoint_every=3)).value))
+    check_grads(jax.jit(loss), (args,), order=1, modes=["rev", "fwd"], eps=1e-6, atol=1e-7, rtol=1e-7)
+
+
+def test_backprop_with_checkpoints_stores_less(x64):
+    f, args, _ = dense_problem()
+    solver = dj.ForwardIteration(tol=1e-30, max_iter=200)  # every step runs
+
+    def temp_bytes(gradient):
+        loss = lambda a: jnp.sum(dj.fixed_point(f, jnp.zeros_like(a[1]), a, solver=solver, gradient=gradient).value)
+        return jax.jit(jax.grad(loss)).lower(args).compile().memory_analysis().temp_size_in_bytes
+
+    stored, checkpointed = temp_bytes(dj.Backprop()), temp_bytes(dj.Backprop(checkpoint_every=14))
+    assert checkpointed < stored / 4, (checkpointed, stored)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: dj.Backprop(0), "Backprop: checkpoint_every must be an int >= 1, got 0"),
+    (lambda: dj.Neumann(0), "Neumann: terms must be an int >= 1, got 0"),
+    (lambda: dj.Neumann(3, 1.5), r"Neumann: damping must be a number in \(0, 1\], got 1.5"),
+    (lambda: dj.Neumann(3, 0.0), r"Neumann: damping must be a number in \(0, 1\], got 0.0"),
+])
+def test_bad_neumann_options_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_the_protocol_needs_its_method():
+    class Incomplete(dj.Gradient):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
