@@ -26,6 +26,7 @@ def fixed_point(
     backward_stats_probe: jax.Array | None = None,
     budget=None,
     examples: str = "independent",
+    has_aux: bool = False,
 ) -> Solution:
     """Solves ``z* = f(z*, args)``, differentiable w.r.t. ``args`` by the chosen gradient strategy.
 
@@ -83,6 +84,11 @@ def fixed_point(
         coupled ``f`` the solve still converges, but its gradients are wrong (each row
         is rescaled and stopped as if it stood alone); a 1-D ``z0`` is refused there,
         since a vector's entries are rarely independent examples.
+      has_aux: ``f`` returns a pair ``(z, aux)``, ``aux`` any pytree of arrays beside the
+        state (a loss term, a log-determinant, an intermediate activation). The solve
+        uses ``z``; the ``Solution``'s ``aux`` is ``f``'s ``aux`` at the returned
+        ``value`` (one more f evaluation), differentiable w.r.t. ``args`` through
+        ``value`` by the gradient strategy and directly through ``f``.
 
     Returns:
       The forward ``Solution`` (for ``Phantom``, ``value`` is the last unrolled
@@ -98,6 +104,10 @@ def fixed_point(
     check_solver("fixed_point: solver", solver)
     check_gradient(gradient)
     check_examples("fixed_point", examples)
+    if has_aux:
+        solution = fixed_point(lambda z, a: _state_and_aux(f, z, a)[0], z0, args, solver=solver, gradient=gradient,
+                               backward_stats_probe=backward_stats_probe, budget=budget, examples=examples)
+        return dataclasses.replace(solution, aux=_state_and_aux(f, solution.value, args)[1])
     if examples == "coupled":
         if budget is not None and jnp.shape(budget) != ():
             raise ValueError(f"fixed_point: with examples='coupled' the batch is one solve, so budget must be "
@@ -115,3 +125,12 @@ def fixed_point(
         )
     limit = budget_per_example("fixed_point", budget, jax.tree_util.tree_leaves(z0)[0].shape[0], solver.max_iter)
     return gradient.solve(f, z0, args, solver, limit, backward_stats_probe)
+
+
+def _state_and_aux(f: Callable, z, args):
+    """``f(z, args)``, checked to be the pair ``(z, aux)`` that ``has_aux=True`` asks for."""
+    out = f(z, args)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"fixed_point: with has_aux=True, f must return a pair (z, aux); got {type(out).__name__}"
+                        f"{f' of length {len(out)}' if isinstance(out, (tuple, list)) else ''}.")
+    return out

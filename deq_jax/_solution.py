@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,8 @@ class Solution:
         best finite iterate, which can look harmless (a finite residual well above
         ``tol``): check this flag, not the residual, to tell divergence from slow
         convergence.
+      aux: with ``fixed_point(..., has_aux=True)``, ``f``'s second output at ``value``
+        (differentiable like ``value``); else None.
     """
 
     value: jax.Array
@@ -68,6 +70,7 @@ class Solution:
     trace: jax.Array
     converged: jax.Array
     diverged: jax.Array
+    aux: Any = None
 
     def stats(self) -> SolveStats:
         """Returns the batch summary of this solve (no extra f evaluation)."""

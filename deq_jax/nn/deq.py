@@ -58,7 +58,7 @@ def split_backward_stats(grads: nnx.State) -> tuple[nnx.State, dict[str, SolveSt
     return params, stats
 
 
-def explicit_cell(cell: nnx.Module):
+def explicit_cell(cell: nnx.Module, has_aux: bool = False):
     """A cell as a pure function of explicit arrays: ``(f, state)`` with ``f(z, (state, x)) = cell(z, x)``.
 
     The adapter at the solver boundary (``deq_jax.fixed_point`` needs every array
@@ -74,6 +74,7 @@ def explicit_cell(cell: nnx.Module):
 
     Args:
       cell: an NNX module called as ``cell(z, x)``.
+      has_aux: the cell returns ``(z, aux)``; only ``z`` is cast.
 
     Returns:
       ``(f, state)``.
@@ -92,6 +93,8 @@ def explicit_cell(cell: nnx.Module):
         state, x = args
         # copy=True: the state may hold Variables of an outer trace, which NNX would refuse to update here.
         out = nnx.merge(graphdef, state, copy=True)(z, x)
+        if has_aux:
+            return jax.tree.map(lambda o, zi: o.astype(zi.dtype), out[0], z), out[1]
         return jax.tree.map(lambda o, zi: o.astype(zi.dtype), out, z)
 
     return f, state
@@ -141,6 +144,10 @@ class DEQ(nnx.Module):
         examples interact inside the cell -- ``nnx.BatchNorm`` in training mode,
         batch-wide statistics or attention across the batch: the batch is then solved
         as one system, which its gradients need (see ``deq_jax.fixed_point``).
+      has_aux: the cell returns ``(z, aux)``: ``aux`` (any pytree of arrays) rides beside
+        the state, and the layer returns ``(z*, aux at z*)``; ``solve`` puts it in the
+        ``Solution``'s ``aux`` (see ``deq_jax.fixed_point``). The training aids and
+        ``unrolled`` use the state alone.
 
     Attributes:
       backward_stats: ``BackwardStatsProbe``, whose gradient holds the backward
@@ -156,17 +163,19 @@ class DEQ(nnx.Module):
     """
 
     def __init__(self, cell: nnx.Module, *, solver=Anderson(tol=1e-2, max_iter=25, m=5), gradient=Implicit(),
-                 examples: str = "independent"):
+                 examples: str = "independent", has_aux: bool = False):
         check_examples("DEQ", examples)
         self.cell = cell
+        self.has_aux = has_aux
         self.solver = solver
         self.gradient = gradient
         self.examples = examples
         self.backward_stats = BackwardStatsProbe(jnp.zeros(NUM_STATS, jnp.float32))
 
     def __call__(self, x: jax.Array, z0=None, budget=None):
-        """The fixed point ``z*``: ``self.solve(x, z0, budget).value``."""
-        return self.solve(x, z0, budget).value
+        """The fixed point ``z*``: ``self.solve(x, z0, budget).value`` (and its ``aux``, with ``has_aux``)."""
+        solution = self.solve(x, z0, budget)
+        return (solution.value, solution.aux) if self.has_aux else solution.value
 
     def solve(self, x: jax.Array, z0=None, budget=None) -> Solution:
         """Solves for the equilibrium of ``cell(., x)``.
@@ -190,10 +199,10 @@ class DEQ(nnx.Module):
         """
         if z0 is None:
             z0 = self.initial_state(x)
-        f, state = explicit_cell(self.cell)
+        f, state = explicit_cell(self.cell, self.has_aux)
         solution = fixed_point(
             f, z0, (state, x), solver=self.solver, gradient=self.gradient,
-            backward_stats_probe=self.backward_stats[...], budget=budget, examples=self.examples,
+            backward_stats_probe=self.backward_stats[...], budget=budget, examples=self.examples, has_aux=self.has_aux,
         )
         self._advance_state(solution.value, x)
         return solution
@@ -224,7 +233,7 @@ class DEQ(nnx.Module):
           >>> loss = lambda deq: dj.fp_correction([jnp.mean(s.value ** 2) for s in deq.solve_states(x, 2)], gamma=0.8)
           >>> grads = nnx.grad(loss)(deq)
         """
-        f, state = explicit_cell(self.cell)
+        f, state = self._state_map()
         states = fixed_point_states(
             f, self.initial_state(x) if z0 is None else z0, (state, x), num_states, solver=self.solver,
             gradient=self.gradient, backward_stats_probe=self.backward_stats[...], examples=self.examples,
@@ -257,11 +266,16 @@ class DEQ(nnx.Module):
           (2, 6, 6, 8)
         """
         check_int("DEQ.unrolled", depth=depth)
-        f, state = explicit_cell(self.cell)
+        f, state = self._state_map()
         z0 = self.initial_state(x) if z0 is None else z0
         z = apply_steps(lambda _, z: f(z, (state, x)), z0, depth)
         self._advance_state(z, x)
         return z
+
+    def _state_map(self):
+        """``explicit_cell`` of the cell, its ``aux`` dropped: ``(f, state)`` with ``f(z, (state, x))`` the next state."""
+        f, state = explicit_cell(self.cell, self.has_aux)
+        return ((lambda z, args: f(z, args)[0]) if self.has_aux else f), state
 
     def initial_state(self, x: jax.Array):
         """The default ``z0``: the cell's ``initial_state(x)`` if it has one, else zeros like ``x`` (>= float32)."""
@@ -311,7 +325,7 @@ class DEQ(nnx.Module):
           ...                                                          cell_state=solved_with).mean()
           >>> grads = nnx.grad(loss)(deq)
         """
-        f, state = explicit_cell(self.cell)
+        f, state = self._state_map()
         return jacobian_penalty(f, z, (state if cell_state is None else cell_state, x), key, num_vectors)
 
     def spectral_radius(self, x: jax.Array, z: jax.Array, key: jax.Array, num_iters: int = 100) -> jax.Array:
@@ -335,7 +349,7 @@ class DEQ(nnx.Module):
           >>> deq.spectral_radius(x, deq(x), jax.random.key(0), num_iters=20).shape
           (2,)
         """
-        f, state = explicit_cell(self.cell)
+        f, state = self._state_map()
         if self.examples == "coupled":
             return spectral_radius(as_one_example(f), add_system_axis(z), (state, x), key, num_iters)
         return spectral_radius(f, z, (state, x), key, num_iters)
