@@ -11,6 +11,7 @@ from ._correction import fixed_point_states as fixed_point_states
 from ._correction import fp_correction as fp_correction
 from ._fixed_point import fixed_point as fixed_point
 from ._gradients import Backprop as Backprop
+from ._gradients import GDEQ as GDEQ
 from ._gradients import Gradient as Gradient
 from ._gradients import Phantom as Phantom
 from ._implicit import Implicit as Implicit

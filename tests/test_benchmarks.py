@@ -337,7 +337,8 @@ def test_gradient_quality(monkeypatch):
     from experiments.benchmarks import gradient_quality
 
     # Three strategies keep it short (tests/test_strategies.py checks every strategy itself).
-    names = ["implicit (Anderson, tol 1e-2, at most 25 VJPs)", "Jacobian-free: Phantom(1)", "Neumann(5)"]
+    names = ["implicit (Anderson, tol 1e-2, at most 25 VJPs)", "Jacobian-free: Phantom(1)",
+             "GDEQ (Broyden forward solve, tol 1e-2, at most 25)"]
     monkeypatch.setattr(gradient_quality, "STRATEGIES", {k: gradient_quality.STRATEGIES[k] for k in names})
     with common.synthetic_data(NO_CIFAR):
         result = gradient_quality.run(quick=True, repeats=1)

@@ -239,6 +239,8 @@ def test_a_batch_that_does_not_split_over_the_devices_is_a_clear_error():
     (["--phantom-damping", "1.5"], "--phantom-damping must be a number in (0, 1], got 1.5"),
     (["--neumann-terms", "0"], "--neumann-terms must be an int >= 1, got 0"),
     (["--neumann-damping", "0"], "--neumann-damping must be a number in (0, 1], got 0.0"),
+    (["--gradient", "gdeq"], "--solver must be broyden with --gradient gdeq (its inverse Jacobian preconditions "
+                             "the gradient), got 'anderson'"),
     (["--backprop-checkpoint-every", "0"], "--backprop-checkpoint-every must be an int >= 1 (or unset: every step "
                                            "stored), got 0"),
     (["--jac-reg", "-1"], "--jac-reg must be a finite number >= 0"),
@@ -327,6 +329,7 @@ def test_a_model_flag_starts_from_its_recipe_and_given_flags_override_it(tmp_pat
     assert repr(neumann.solver_and_gradient()[1]) == "Neumann(terms=7, damping=0.5)"
     backprop = config_of("--gradient", "backprop", "--backprop-checkpoint-every", "4").solver_and_gradient()[1]
     assert repr(backprop) == "Backprop(checkpoint_every=4)"
+    assert repr(config_of("--gradient", "gdeq", "--solver", "broyden").solver_and_gradient()[1]) == "GDEQ()"
     tiny = config_of("--model", "mdeq-tiny")
     assert tiny == Config.for_model("mdeq-tiny")
     assert (tiny.solver, tiny.f_max_iter, tiny.b_max_iter, tiny.batch_size, tiny.dropout, tiny.warmup_steps,

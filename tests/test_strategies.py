@@ -169,6 +169,40 @@ def test_backprop_with_checkpoints_stores_less(x64):
     assert checkpointed < stored / 4, (checkpointed, stored)
 
 
+def test_gdeq_is_the_cotangent_preconditioned_by_hand_with_the_broyden_factors(x64):
+    from deq_jax._solvers._loop import iterate
+
+    f, (w, x), _ = dense_problem()
+    solver = dj.Broyden(tol=1e-5, max_iter=30, memory=4)  # fewer updates kept than steps taken
+    solution, history = iterate(solver, lambda z: f(z, (w, x)), jnp.zeros_like(x), with_history=True)
+    assert int(solution.num_steps.min()) > 4
+    y = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
+    # H_b = -I + U_b^T V_b per example; the cotangent is -H_b^T y_b.
+    h = -jnp.eye(4) + jnp.einsum("bmi,bmj->bij", history.u, history.v)
+    _, f_vjp = jax.vjp(lambda a: f(solution.value, a), (w, x))
+    want = f_vjp(-jnp.einsum("bij,bi->bj", h, y))[0]
+    fixed_point = lambda a: dj.fixed_point(f, jnp.zeros_like(x), a, solver=solver, gradient=dj.GDEQ()).value
+    np.testing.assert_allclose(fixed_point((w, x)), solution.value, rtol=1e-14)
+    got = jax.vjp(fixed_point, (w, x))[1](y)[0]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # Closer to the implicit gradient than the Jacobian-free one it preconditions.
+    exact = jax.vjp(lambda a: dj.fixed_point(f, jnp.zeros_like(x), a, solver=TIGHT).value, (w, x))[1](y)[0]
+    jfb = jax.vjp(lambda a: dj.fixed_point(f, jnp.zeros_like(x), a, solver=solver, gradient=dj.Phantom(1)).value,
+                  (w, x))[1](y)[0]
+    error = lambda g: float(jnp.linalg.norm(g[0] - exact[0]) / jnp.linalg.norm(exact[0]))
+    assert error(got) < error(jfb), (error(got), error(jfb))  # measured 0.42 against 0.55
+
+
+def test_gdeq_needs_broyden_and_reverse_mode():
+    f = lambda z, a: jnp.tanh(0.5 * z + a)
+    with pytest.raises(TypeError, match="GDEQ .* the solver must be a deq_jax.Broyden; got Anderson"):
+        dj.fixed_point(f, jnp.zeros((2, 3)), 0.3, gradient=dj.GDEQ())
+    solve = lambda a: dj.fixed_point(f, jnp.zeros((2, 3)), a, solver=dj.Broyden(), gradient=dj.GDEQ()).value
+    with pytest.raises(TypeError, match="GDEQ gradients are reverse-mode only.*Implicit"):
+        jax.jvp(solve, (0.3,), (1.0,))
+
+
 def aux_problem():
     """``f(z, (w, x)) = (tanh(z w + x), {"energy": ||z||^2 per example, "mean": mean of z w})`` and its args."""
     f, args, _ = dense_problem()

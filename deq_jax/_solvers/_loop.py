@@ -230,7 +230,7 @@ def budget_per_example(owner: str, budget, batch: int, max_iter: int) -> jax.Arr
 
 
 def iterate(solver: Solver, f: Callable, z0, budget=None, *, differentiable: bool = False,
-            checkpoint_every: int | None = None) -> Solution:
+            checkpoint_every: int | None = None, with_history: bool = False):
     """Runs ``solver``'s ``init``/``propose``/``record`` under ``lax.while_loop``, per example.
 
     Args:
@@ -247,10 +247,12 @@ def iterate(solver: Solver, f: Callable, z0, budget=None, *, differentiable: boo
       checkpoint_every: with ``differentiable``, rematerialise the iterations in segments
         of this many steps (``jax.checkpoint``): reverse mode then stores one state per
         segment and one segment's iterations, not every iteration.
+      with_history: also return the solver's final ``history`` (each example's as it
+        stopped), e.g. Broyden's inverse-Jacobian factors for ``deq_jax.GDEQ``.
 
     Returns:
-      The ``Solution``; ``value`` is ``f(z)`` at each example's lowest-residual
-      iterate ``z``.
+      The ``Solution`` (and, with ``with_history``, ``(solution, history)``); ``value``
+      is ``f(z)`` at each example's lowest-residual iterate ``z``.
     """
     owner, tol, max_iter = type(solver).__name__, solver.tol, solver.max_iter
     f_in_cond = backend_choices().f_in_cond
@@ -306,7 +308,7 @@ def iterate(solver: Solver, f: Callable, z0, budget=None, *, differentiable: boo
         final = _guarded_scan(cond, body, state, max_iter - 1, checkpoint_every)
     else:
         final = lax.while_loop(cond, body, state)
-    return Solution(
+    solution = Solution(
         value=unravel(final.best_fx),
         num_steps=final.num_steps,
         residual=final.best_residual,
@@ -314,6 +316,7 @@ def iterate(solver: Solver, f: Callable, z0, budget=None, *, differentiable: boo
         converged=final.best_residual < tol,
         diverged=final.diverged,
     )
+    return (solution, final.history) if with_history else solution
 
 
 

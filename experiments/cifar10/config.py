@@ -31,7 +31,7 @@ ANDERSON_M = 5
 END_LR = 1e-6  # the chapter's CosineAnnealingLR(eta_min=1e-6)
 MODELS = ("chapter", "mdeq-tiny", "mdeq-large")
 SOLVERS = ("anderson", "forward", "broyden")
-GRADIENTS = ("implicit", "phantom", "neumann", "backprop")
+GRADIENTS = ("implicit", "phantom", "neumann", "backprop", "gdeq")
 # Computation dtypes: parameters, solver state and the loss stay float32 (see CifarDEQ).
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 # Fields that may change between a run and its resumption without changing the result.
@@ -104,8 +104,9 @@ class Config:
     b_tol: float = option(1e-2, "backward relative residual tolerance, implicit gradient (%(default)s)")
     b_max_iter: int = option(25, "most backward solver steps, implicit gradient (%(default)s)")
     gradient: str = option("implicit", "implicit (exact), phantom (backprop through a few damped steps from z*) "
-                           "neumann (a truncated Neumann series for the inverse) or backprop (through the forward solver's "
-                           "iterations) (%(default)s)", choices=GRADIENTS)
+                           "neumann (a truncated Neumann series for the inverse), backprop (through the forward solver's "
+                           "iterations) or gdeq (Jacobian-free, preconditioned by --solver broyden's inverse "
+                           "Jacobian) (%(default)s)", choices=GRADIENTS)
     phantom_steps: int = option(1, "phantom gradient: unrolled steps (%(default)s)", metavar="K")
     phantom_damping: float = option(1.0, "phantom gradient: damping in (0, 1] (%(default)s)", metavar="T")
     neumann_terms: int = option(5, "neumann gradient: terms of the series (%(default)s)", metavar="K")
@@ -179,6 +180,9 @@ class Config:
             check(name, lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
         if self.solver != "forward":
             check("damping", lambda v: v == 1, "1 unless --solver forward (the other solvers are not damped)")
+        if self.gradient == "gdeq":
+            check("solver", lambda v: v == "broyden", "broyden with --gradient gdeq (its inverse Jacobian "
+                  "preconditions the gradient)")
         check("fp_correction", lambda v: v <= self.f_max_iter, f"at most --f-max-iter ({self.f_max_iter}): "
               "each state needs one f evaluation")
         check("eval_budgets", lambda v: isinstance(v, tuple) and all(is_int(b) and b >= 1 for b in v),
@@ -225,6 +229,8 @@ class Config:
             gradient = dj.Neumann(self.neumann_terms, self.neumann_damping)
         elif self.gradient == "backprop":
             gradient = dj.Backprop(self.backprop_checkpoint_every)
+        elif self.gradient == "gdeq":
+            gradient = dj.GDEQ()
         else:
             gradient = dj.Implicit(make(self.b_tol, self.b_max_iter))
         return make(self.f_tol, self.f_max_iter), gradient
