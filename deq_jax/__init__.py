@@ -16,11 +16,13 @@ from ._gradients import Gradient as Gradient
 from ._gradients import Phantom as Phantom
 from ._implicit import Implicit as Implicit
 from ._implicit import Neumann as Neumann
+from ._reversible import ReversibleBackprop as ReversibleBackprop
 from ._solution import Solution as Solution
 from ._solution import SolveStats as SolveStats
 from ._solvers import Anderson as Anderson
 from ._solvers import Broyden as Broyden
 from ._solvers import ForwardIteration as ForwardIteration
+from ._solvers import Reversible as Reversible
 from ._solvers import Solver as Solver
 from ._jacobian import jacobian_penalty as jacobian_penalty
 from ._jacobian import spectral_radius as spectral_radius

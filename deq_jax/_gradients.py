@@ -187,9 +187,8 @@ class GDEQ(Gradient):
     def solve(self, f, z0, args, solver, budget, backward_stats_probe):
         """The Broyden solve without gradient; its ``z*`` differentiated with the preconditioned cotangent."""
         del backward_stats_probe  # nothing is solved backward
-        if not isinstance(solver, Broyden):
-            raise TypeError(f"fixed_point: GDEQ preconditions the gradient with the forward Broyden solve's inverse "
-                            f"Jacobian, so the solver must be a deq_jax.Broyden; got {solver!r}.")
+        require_solver("GDEQ preconditions the gradient with the forward Broyden solve's inverse Jacobian", solver,
+                       Broyden)
         args = refuse_forward_mode(args, "GDEQ")
         frozen_args = lax.stop_gradient(args)
         solution, history = iterate(solver, lambda z: f(z, frozen_args), lax.stop_gradient(z0), budget,
@@ -221,6 +220,12 @@ def _preconditioned_bwd(closed_f, residuals, y):
 
 
 _preconditioned.defvjp(_preconditioned_fwd, _preconditioned_bwd)
+
+
+def require_solver(reason: str, solver, kind: type) -> None:
+    """Raises ``TypeError`` unless ``solver`` is a ``kind``, for a strategy that needs one (``reason`` says why)."""
+    if not isinstance(solver, kind):
+        raise TypeError(f"fixed_point: {reason}, so the solver must be a deq_jax.{kind.__name__}; got {solver!r}.")
 
 
 def check_gradient(gradient) -> None:

@@ -351,3 +351,13 @@ def test_gradient_quality(monkeypatch):
     for state in ("initialisation", "after 1 training steps"):
         implicit, jacobian_free, _ = (r for r in result.rows if r["state"] == state)
         assert implicit["error_params"] < jacobian_free["error_params"], (implicit, jacobian_free)
+
+
+def test_reversible_error():
+    from experiments.benchmarks import reversible_error
+
+    result = reversible_error.run(quick=True)
+    check_table(result, columns=5)
+    assert len(result.rows) == len(reversible_error.BETAS) * len(reversible_error.EVALUATIONS["quick"])
+    for r in result.rows:  # a few evaluations: the reconstruction is as exact as the unrolled loop
+        assert r["reconstructed_64"] < 1e-10 and r["reconstructed_32"] < 1e-3 and r["unrolled_32"] < 1e-5, r

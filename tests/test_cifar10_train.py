@@ -241,6 +241,9 @@ def test_a_batch_that_does_not_split_over_the_devices_is_a_clear_error():
     (["--neumann-damping", "0"], "--neumann-damping must be a number in (0, 1], got 0.0"),
     (["--gradient", "gdeq"], "--solver must be broyden with --gradient gdeq (its inverse Jacobian preconditions "
                              "the gradient), got 'anderson'"),
+    (["--gradient", "reversible"], "--solver must be reversible with --gradient reversible (the gradient "
+                                   "reconstructs its iterations), got 'anderson'"),
+    (["--solver", "reversible", "--reversible-beta", "0.3"], "--reversible-beta must be a number in [0.5, 1), got 0.3"),
     (["--backprop-checkpoint-every", "0"], "--backprop-checkpoint-every must be an int >= 1 (or unset: every step "
                                            "stored), got 0"),
     (["--jac-reg", "-1"], "--jac-reg must be a finite number >= 0"),
@@ -330,6 +333,9 @@ def test_a_model_flag_starts_from_its_recipe_and_given_flags_override_it(tmp_pat
     backprop = config_of("--gradient", "backprop", "--backprop-checkpoint-every", "4").solver_and_gradient()[1]
     assert repr(backprop) == "Backprop(checkpoint_every=4)"
     assert repr(config_of("--gradient", "gdeq", "--solver", "broyden").solver_and_gradient()[1]) == "GDEQ()"
+    solver, gradient = config_of("--gradient", "reversible", "--solver", "reversible", "--reversible-beta", "0.6",
+                                 "--f-max-iter", "12").solver_and_gradient()
+    assert (repr(gradient), solver.beta, solver.max_iter) == ("ReversibleBackprop()", 0.6, 12)
     tiny = config_of("--model", "mdeq-tiny")
     assert tiny == Config.for_model("mdeq-tiny")
     assert (tiny.solver, tiny.f_max_iter, tiny.b_max_iter, tiny.batch_size, tiny.dropout, tiny.warmup_steps,

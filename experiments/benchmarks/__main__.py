@@ -13,7 +13,7 @@ from . import common
 
 BENCHMARKS = ("ops", "solver_overhead", "vs_pytorch", "vs_jax_peers", "memory", "scaling", "backward_scale",
               "jacobian_cost", "broyden_cost", "mdeq_cost", "forward_mode", "anderson_ridge",
-              "gradient_quality")
+              "gradient_quality", "reversible_error")
 
 
 def run_all(quick: bool = False, repeats: int | None = None, only=None) -> dict[str, common.Result]:

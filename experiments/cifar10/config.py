@@ -30,8 +30,8 @@ from .errors import BadInputError
 ANDERSON_M = 5
 END_LR = 1e-6  # the chapter's CosineAnnealingLR(eta_min=1e-6)
 MODELS = ("chapter", "mdeq-tiny", "mdeq-large")
-SOLVERS = ("anderson", "forward", "broyden")
-GRADIENTS = ("implicit", "phantom", "neumann", "backprop", "gdeq")
+SOLVERS = ("anderson", "forward", "broyden", "reversible")
+GRADIENTS = ("implicit", "phantom", "neumann", "backprop", "gdeq", "reversible")
 # Computation dtypes: parameters, solver state and the loss stay float32 (see CifarDEQ).
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 # Fields that may change between a run and its resumption without changing the result.
@@ -99,14 +99,17 @@ class Config:
                                         type=int, metavar="N")
     damping: float = option(1.0, "--solver forward only: relaxed iteration z <- B f(z) + (1 - B) z, B in (0, 1] "
                             "(%(default)s)", metavar="B")
+    reversible_beta: float = option(0.5, "--solver reversible only: the paired relaxation's beta in [0.5, 1) "
+                                    "(%(default)s)", metavar="B")
     f_tol: float = option(1e-2, "forward relative residual tolerance (%(default)s)")
     f_max_iter: int = option(25, "most forward f evaluations (%(default)s)")
     b_tol: float = option(1e-2, "backward relative residual tolerance, implicit gradient (%(default)s)")
     b_max_iter: int = option(25, "most backward solver steps, implicit gradient (%(default)s)")
     gradient: str = option("implicit", "implicit (exact), phantom (backprop through a few damped steps from z*) "
                            "neumann (a truncated Neumann series for the inverse), backprop (through the forward solver's "
-                           "iterations) or gdeq (Jacobian-free, preconditioned by --solver broyden's inverse "
-                           "Jacobian) (%(default)s)", choices=GRADIENTS)
+                           "iterations), gdeq (Jacobian-free, preconditioned by --solver broyden's inverse "
+                           "Jacobian) or reversible (backprop through --solver reversible by reconstruction) "
+                           "(%(default)s)", choices=GRADIENTS)
     phantom_steps: int = option(1, "phantom gradient: unrolled steps (%(default)s)", metavar="K")
     phantom_damping: float = option(1.0, "phantom gradient: damping in (0, 1] (%(default)s)", metavar="T")
     neumann_terms: int = option(5, "neumann gradient: terms of the series (%(default)s)", metavar="K")
@@ -180,6 +183,10 @@ class Config:
             check(name, lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
         if self.solver != "forward":
             check("damping", lambda v: v == 1, "1 unless --solver forward (the other solvers are not damped)")
+        check("reversible_beta", lambda v: is_number(v) and 0.5 <= v < 1, "a number in [0.5, 1)")
+        if self.gradient == "reversible":
+            check("solver", lambda v: v == "reversible", "reversible with --gradient reversible (the gradient "
+                  "reconstructs its iterations)")
         if self.gradient == "gdeq":
             check("solver", lambda v: v == "broyden", "broyden with --gradient gdeq (its inverse Jacobian "
                   "preconditions the gradient)")
@@ -222,6 +229,7 @@ class Config:
             "anderson": lambda tol, max_iter: dj.Anderson(m=ANDERSON_M, tol=tol, max_iter=max_iter),
             "broyden": lambda tol, max_iter: dj.Broyden(tol, max_iter, memory=self.broyden_memory),
             "forward": lambda tol, max_iter: dj.ForwardIteration(tol, max_iter, damping=self.damping),
+            "reversible": lambda tol, max_iter: dj.Reversible(tol, max_iter, beta=self.reversible_beta),
         }[self.solver]
         if self.gradient == "phantom":
             gradient = dj.Phantom(self.phantom_steps, self.phantom_damping)
@@ -231,6 +239,8 @@ class Config:
             gradient = dj.Backprop(self.backprop_checkpoint_every)
         elif self.gradient == "gdeq":
             gradient = dj.GDEQ()
+        elif self.gradient == "reversible":
+            gradient = dj.ReversibleBackprop()
         else:
             gradient = dj.Implicit(make(self.b_tol, self.b_max_iter))
         return make(self.f_tol, self.f_max_iter), gradient
