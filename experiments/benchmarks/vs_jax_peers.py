@@ -1,4 +1,4 @@
-"""Q3. deq_jax against JAX peers on the same fixed-point problem: optimistix and jaxopt.
+"""Q3. deq_jax against JAX peers on the same fixed-point problem: optimistix, jaxopt and banax.
 
 The chapter's demo problem (``ResNetCell(64, 128)``, x ~ N(0, 1) of 10x32x32x64,
 z0 = 0; loss sum(z* * w), w ~ N(0, 1); gradients w.r.t. the cell's weights and x),
@@ -10,13 +10,17 @@ solved to the same accuracy by:
     default linear solver (normal-equation CG);
   - ``optimistix.fixed_point`` with ``optx.FixedPointIteration`` (optimistix has no
     Anderson solver), vmapped over the examples, ``ImplicitAdjoint`` with lineax's
-    GMRES (the default, a dense LU, would materialise a 65536^2 Jacobian per example).
+    GMRES (the default, a dense LU, would materialise a 65536^2 Jacobian per example);
+  - banax's ``Anderson`` (depth 5, ridge 1e-4, undamped) under its ``Implicit`` adjoint
+    (the same Anderson backward), on the whole batch as banax runs it (one norm and one
+    stop for the batch) and ``jax.vmap``-ed over the examples (banax needs Python >= 3.12).
 
 Same stopping rule everywhere, per example: ``||f(z) - z|| < tol * ||f(z)||`` with
 tol = 1e-4. The cell ends in a GroupNorm with unit scale and zero bias, so
 ``||f(z)|| = sqrt(D)`` (D = values per example) and the rule becomes jaxopt's
 ``||f(z) - z||_2 < tol * sqrt(D)`` and optimistix's ``rms_norm(f(z) - z) < tol``
-(``atol=tol, rtol=0``).
+(``atol=tol, rtol=0``); banax's relative residual is deq_jax's (``rtol=tol``), per example
+when vmapped, over the whole batch otherwise.
 
 optimistix differentiates with forward mode (JVPs), which deq_jax's default
 convolution (``loop_friendly_conv``, a ``custom_vjp``) does not support; it gets the
@@ -108,6 +112,28 @@ def optimistix_contender(f):
     return vmapped_contender(per_example)
 
 
+def banax_contenders(f):
+    """banax's Anderson under its Implicit adjoint: on the whole batch, and vmapped over the examples."""
+    from banax.adjoint import Implicit
+    from banax.solver import Anderson
+
+    anderson = Anderson(rtol=TOL, atol=0.0, max_steps=MAX_ITER, depth=5, ridge=1e-4, damp=1.0)
+    adjoint = Implicit(solver=anderson, b_solver=anderson)
+
+    def whole_batch(params, x):
+        sol = adjoint((lambda z, params, x: f(z, (params, x)), (params, x)), jnp.zeros_like(x))
+        return sol.value, sol.stats.steps
+
+    def per_example(params, x):
+        f1 = one_example(f)
+        sol = adjoint((lambda z, params, x: f1(z, (params, x)), (params, x)), jnp.zeros_like(x))
+        return sol.value, sol.stats.steps
+
+    batch_solve = lambda args: whole_batch(*args)
+    return {"banax Anderson, whole batch": (batch_solve, lambda args, w: jnp.vdot(batch_solve(args)[0], w)),
+            "banax Anderson, vmapped": vmapped_contender(per_example)}
+
+
 def reference_gradient(cell, x, w):
     """dL/d(params, x) in float64 with a tight Anderson solve both ways."""
     with jax.enable_x64(True):
@@ -142,6 +168,8 @@ def contenders(channels, inner, batch, size, quick=False):
                 f, jaxopt.FixedPointIteration, dim))
     if importlib.util.find_spec("optimistix") is not None and importlib.util.find_spec("lineax") is not None:
         out["optimistix FixedPointIteration"] = ("lax.conv_general_dilated", *optimistix_contender(plain_f))
+    if importlib.util.find_spec("banax") is not None:
+        out.update({name: ("loop_friendly_conv", *fns) for name, fns in banax_contenders(f).items()})
     return cell, params, x, w, out
 
 
@@ -202,9 +230,13 @@ def run(quick: bool = False, repeats: int | None = None) -> common.Result:
         + (f"from {base} (quick mode)." if quick else "in float64 (deq_jax, Anderson, tol 1e-10)."),
         f"seconds: jitted, compiled before timing, median of {repeats} rounds alternating all contenders.",
     ]
-    if "optimistix FixedPointIteration" not in entries or "jaxopt AndersonAcceleration" not in entries:
-        notes.append("optimistix/lineax or jaxopt not installed: their rows are missing (pip install optimistix jaxopt).")
-    return common.Result("Q3. deq_jax vs optimistix and jaxopt on the chapter's fixed point", table, rows, notes,
+    missing = [name for name, row in (("optimistix/lineax", "optimistix FixedPointIteration"),
+                                      ("jaxopt", "jaxopt AndersonAcceleration"), ("banax", "banax Anderson, vmapped"))
+               if row not in entries]
+    if missing:
+        notes.append(f"{', '.join(missing)} not installed: their rows are missing (pip install optimistix jaxopt; "
+                     "banax==0.1.5 on Python >= 3.12).")
+    return common.Result("Q3. deq_jax vs optimistix, jaxopt and banax on the chapter's fixed point", table, rows, notes,
                          (before, common.load()))
 
 
