@@ -12,7 +12,7 @@ example (mean, of f and its VJPs only: the head's are the same for all), and sec
 forward solve and gradient (median of interleaved rounds, jitted).
 
 Usage:
-  python -m experiments.benchmarks.gradient_quality [--quick] [--repeats N] [--train-steps N]
+  python -m experiments.benchmarks.gradient_quality [--quick] [--repeats N] [--train-steps N] [--batch-size B]
 """
 from __future__ import annotations
 
@@ -113,13 +113,15 @@ def reference_gradient(program, state, images, labels):
         return jax.device_get(grads)
 
 
-def run(quick: bool = False, repeats: int | None = None, train_steps: int | None = None) -> common.Result:
+def run(quick: bool = False, repeats: int | None = None, train_steps: int | None = None,
+        batch_size: int | None = None) -> common.Result:
     """Measures every strategy's gradient against the float64 reference, at initialisation and after training."""
     before = common.load()
     size = "quick" if quick else "full"
     repeats = common.repeats_or_default(repeats, quick)
     train_steps = TRAIN_STEPS[size] if train_steps is None else train_steps
-    model_def, states, (images, labels) = trained_model(BATCH[size], train_steps)
+    batch_size = BATCH[size] if batch_size is None else batch_size
+    model_def, states, (images, labels) = trained_model(batch_size, train_steps)
     images, labels = jnp.asarray(normalize(images)), jnp.asarray(labels)
     reference = gradient_program(model_def, dj.Implicit(), REFERENCE_SOLVER)
     programs = {name: gradient_program(model_def, gradient, SOLVERS.get(type(gradient), SOLVER))
@@ -140,7 +142,7 @@ def run(quick: bool = False, repeats: int | None = None, train_steps: int | None
         [[r["state"], r["strategy"], f"{r['cos_params']:.4f} / {r['cos_x']:.4f}",
           f"{r['error_params']:.2e} / {r['error_x']:.2e}", f"{r['f_evals']:.1f}", f"{r['vjps']:.1f}",
           common.fmt(r["seconds"])] for r in rows])
-    notes = [f"batch {BATCH[size]} of CIFAR-10 training images; reference: implicit gradient in float64, tol "
+    notes = [f"batch {batch_size} of CIFAR-10 training images; reference: implicit gradient in float64, tol "
              f"{REFERENCE_SOLVER.tol:g}; f evaluations and VJPs are per example (means), of the cell only; "
              f"{repeats} interleaved rounds; {common.devices()}."]
     return common.Result("Q14. Gradient quality at equal cost on the chapter's CIFAR-10 model", table, rows, notes,
@@ -151,6 +153,8 @@ def _flags(parser):
     parser.add_argument("--train-steps", type=int, default=None,
                         help=f"training steps before the second comparison (default {TRAIN_STEPS['full']}, "
                              f"quick {TRAIN_STEPS['quick']})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per batch (default {BATCH['full']}, quick {BATCH['quick']})")
 
 
 def main(argv=None) -> common.Result:
