@@ -59,13 +59,14 @@ def fixed_point(
       solver: the forward solver, a ``deq_jax.Solver`` (``Anderson``, ``Broyden``,
         ``ForwardIteration`` or one's own).
       gradient: a ``deq_jax.Gradient``: ``Implicit`` (exact; its ``solver`` solves the
-        backward system, the forward one if None), ``Phantom`` or ``Neumann`` (inexact,
-        cheaper), or one's own.
+        backward system, the forward one if None), ``Phantom``, ``Neumann`` or ``GDEQ``
+        (inexact, cheaper), ``Backprop`` or ``ReversibleBackprop`` (the finite solve's
+        exact gradient), or one's own.
       backward_stats_probe: optional float vector of length ``len(SolveStats._fields)``.
         Its value is ignored; with ``Implicit`` its gradient is the
         ``SolveStats`` of the backward solve (summed over every call that shares
         the probe), which is how backward statistics leave a jitted ``grad``
-        (``SolveStats.from_array(grad)``); with ``Phantom`` and ``Neumann``, which
+        (``SolveStats.from_array(grad)``); with the other built-in strategies, which
         solve nothing backward, its gradient is zero.
       budget: optional run-time cap on the forward solve's f evaluations per example
         (an int, or an integer array of shape ``()`` or ``[B]``, counted as

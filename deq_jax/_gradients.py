@@ -24,7 +24,8 @@ class Gradient(abc.ABC):
     A strategy is a frozen, hashable dataclass (so that a ``DEQ`` holding one can be a
     static part of a jitted function) with one method, ``solve``, which runs the
     forward solve and attaches the strategy's derivative rule to its value. The
-    built-in ``Implicit``, ``Phantom`` and ``Neumann`` are subclasses; a new one gets
+    built-in ``Implicit``, ``Phantom``, ``Neumann``, ``Backprop``, ``GDEQ`` and
+    ``ReversibleBackprop`` are subclasses; a new one gets
     from ``fixed_point`` (and so from ``deq_jax.nn.DEQ``, ``fixed_point_states`` and the
     CIFAR-10 experiment's model) everything the others get: the checks of ``f``,
     ``z0`` and ``budget``, coupled batches (``examples="coupled"``), and a budget

@@ -84,10 +84,12 @@ def _reversible_bwd(closed_f, solver, residuals, cotangents):
     def f_flat(x, all_args):
         return batch_ravel(closed_f(unravel(x), all_args[0], *all_args[1]))[0]
 
+    evaluations = jnp.max(num_steps)  # the longest example's; the others skip the steps they did not take
+
     def undo(j, carry):
-        """Undoes evaluation ``k - 1 - j``: the ``y`` update at ``z`` if it was even, the ``z`` update at ``y`` if odd."""
+        """Undoes evaluation ``k = evaluations - 1 - j``: the ``y`` update (at ``z``) if even, else the ``z`` one."""
         y, z, y_bar, z_bar, args_bar = carry
-        k = jnp.max(num_steps) - 1 - j
+        k = evaluations - 1 - j
         ran = (k < num_steps)[:, None]  # examples that made evaluation k
         even = k % 2 == 0
         at, updated, updated_bar = jnp.where(even, z, y), jnp.where(even, y, z), jnp.where(even, y_bar, z_bar)
@@ -100,7 +102,7 @@ def _reversible_bwd(closed_f, solver, residuals, cotangents):
         z_bar = jnp.where(even, z_bar + at_bar, previous_bar)
         return y, z, y_bar, z_bar, jax.tree.map(jnp.add, args_bar, step_args_bar)
 
-    *_, y_bar, z_bar, args_bar = lax.fori_loop(0, jnp.max(num_steps), undo, (pair.y, pair.z, y_bar, z_bar, args_bar))
+    *_, y_bar, z_bar, args_bar = lax.fori_loop(0, evaluations, undo, (pair.y, pair.z, y_bar, z_bar, args_bar))
     budget_bar = None if budget is None else jnp.zeros(jnp.shape(budget), jax.dtypes.float0)
     return unravel(y_bar + z_bar), args_bar, budget_bar  # y0 = z0
 

@@ -319,7 +319,6 @@ def iterate(solver: Solver, f: Callable, z0, budget=None, *, differentiable: boo
     return (solution, final.history) if with_history else solution
 
 
-
 def _guarded_scan(cond: Callable, body: Callable, state, steps: int, checkpoint_every: int | None):
     """``lax.while_loop(cond, body, state)`` for at most ``steps`` steps, as a reverse-differentiable scan."""
     def step(s, _):
